@@ -1,0 +1,23 @@
+"""Persistence behind one port: :class:`Store`, with SQLite and MongoDB adapters."""
+
+from hie.store.port import (
+    Event,
+    Page,
+    Store,
+    StoreError,
+    TransactionsUnavailable,
+    Version,
+    VersionConflict,
+    Write,
+)
+
+__all__ = [
+    "Event",
+    "Page",
+    "Store",
+    "StoreError",
+    "TransactionsUnavailable",
+    "Version",
+    "VersionConflict",
+    "Write",
+]

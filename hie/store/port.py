@@ -1,0 +1,175 @@
+"""The Store port: the one interface the FHIR layer uses to persist resources.
+
+Two adapters implement it (``SqliteStore`` and ``MongoStore``) and pass one shared
+contract suite (``tests/store/test_contract.py``). Nothing above ``hie.store`` knows
+which adapter it runs on.
+
+Model
+-----
+* Every write is a :class:`Write` carrying the *complete* new version: the caller
+  (the FHIR service layer) has already set ``meta.versionId``/``meta.lastUpdated``
+  in ``body`` and computed the search index entries.
+* Every write is a compare-and-set on the current version: ``prev_version`` is the
+  version the caller read (0 when the resource does not exist at all). If the stored
+  version differs, :meth:`Store.commit` raises :class:`VersionConflict` and writes
+  nothing. A tombstone (deleted resource) is a version like any other.
+* :meth:`Store.commit` is atomic over all its writes: all are applied or none.
+* Search runs over extracted index rows only (never over resource JSON), with the
+  tiny query language of :mod:`hie.store.query`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hie.store.query import IndexRow, Query
+
+Method = Literal["POST", "PUT", "PATCH", "DELETE"]
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One stored version of a resource, current or historical.
+
+    ``body`` is the serialized FHIR JSON (with ``meta``) exactly as it is served;
+    it is ``None`` for a tombstone. ``last_updated`` is an ISO-8601 UTC instant with
+    microseconds (``2026-01-02T03:04:05.123456Z``), which sorts lexically.
+    """
+
+    type: str
+    id: str
+    version: int
+    last_updated: str
+    method: Method
+    body: bytes | None
+
+    @property
+    def deleted(self) -> bool:
+        """True when this version is a deletion tombstone."""
+        return self.body is None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A new version to store, guarded by the version it replaces."""
+
+    type: str
+    id: str
+    prev_version: int
+    version: int
+    last_updated: str
+    method: Method
+    body: bytes | None
+    index: Sequence[IndexRow] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An outbox event recorded atomically with the writes that caused it."""
+
+    seq: int
+    type: str
+    id: str
+    version: int
+    method: Method
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a search or history result; ``total`` counts all matches."""
+
+    items: list[Version]
+    total: int
+
+
+class StoreError(Exception):
+    """Base class of store failures the FHIR layer maps to an OperationOutcome."""
+
+
+class VersionConflict(StoreError):
+    """A write's ``prev_version`` did not match the stored version."""
+
+    def __init__(self, type_: str, id_: str, expected: int, actual: int):
+        super().__init__(
+            f"{type_}/{id_}: expected version {expected}, store has {actual}"
+        )
+        self.type = type_
+        self.id = id_
+        self.expected = expected
+        self.actual = actual
+
+
+class TransactionsUnavailable(StoreError):
+    """The backing database cannot run atomic multi-document transactions."""
+
+
+class Store(ABC):
+    """Async persistence for FHIR resources (see module docstring for the model)."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, create tables/collections/indexes if missing."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; the store may be opened again afterwards."""
+
+    @abstractmethod
+    async def read(self, type_: str, id_: str) -> Version | None:
+        """The current version (possibly a tombstone), or None if never written."""
+
+    @abstractmethod
+    async def vread(self, type_: str, id_: str, version: int) -> Version | None:
+        """A specific version, or None."""
+
+    @abstractmethod
+    async def commit(self, writes: Sequence[Write]) -> None:
+        """Apply all writes atomically, each as compare-and-set on its
+        ``prev_version``; on any mismatch raise :class:`VersionConflict` and apply
+        nothing. Each write also appends one outbox :class:`Event`. Writes to the same
+        resource within one commit are not allowed (the caller merges them)."""
+
+    @abstractmethod
+    async def history(
+        self,
+        type_: str | None = None,
+        id_: str | None = None,
+        *,
+        since: str | None = None,
+        at: str | None = None,
+        count: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        """Versions newest first, at system (no type), type, or instance level.
+
+        ``since``: only versions with ``last_updated >= since``. ``at``: for each
+        resource only the version that was current at that instant (the newest
+        version with ``last_updated <= at``). Ties on ``last_updated`` are broken by
+        commit order, newest first.
+        """
+
+    @abstractmethod
+    async def search(
+        self,
+        type_: str,
+        query: Query,
+        *,
+        count: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        """Current, non-deleted resources of ``type_`` matching ``query``.
+
+        Ordered by ``last_updated`` descending, then id ascending (``_sort`` arrives
+        with the full search engine). ``count=0`` returns only the total.
+        """
+
+    @abstractmethod
+    async def events_after(self, seq: int, limit: int = 100) -> list[Event]:
+        """Outbox events with a sequence number greater than ``seq``, oldest first."""
+
+    @abstractmethod
+    async def next_value(self, counter: str) -> int:
+        """Atomically increment and return a named counter (first value is 1)."""
