@@ -1,0 +1,1 @@
+"""Conformance data (resource type list, CapabilityStatement base), shipped as hie.conformance."""

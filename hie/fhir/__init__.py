@@ -1,0 +1,1 @@
+"""The generic FHIR R4 REST layer: knows FHIR, nothing about alliances."""
