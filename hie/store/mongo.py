@@ -219,7 +219,9 @@ class MongoStore(Store):
                 except DuplicateKeyError:
                     raise _Conflict(w) from None
             else:
-                done = await coll.replace_one({"_id": w.id, "v": w.prev_version}, doc, session=session)
+                done = await coll.replace_one(
+                    {"_id": w.id, "v": w.prev_version}, doc, session=session
+                )
                 if done.matched_count == 0:
                     raise _Conflict(w)
         counter = await self._db["counters"].find_one_and_update(
