@@ -17,9 +17,7 @@ class Principal:
 
     def allows(self, action: str, type_: str) -> bool:
         """True if some grant permits ``action`` (one of ``cruds``) on ``type_``."""
-        return any(
-            action in g.actions and (g.type == "*" or g.type == type_) for g in self.grants
-        )
+        return any(action in g.actions and (g.type == "*" or g.type == type_) for g in self.grants)
 
 
 #: The caller when authentication is turned off for local development.

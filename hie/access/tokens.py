@@ -51,8 +51,10 @@ def unauthorized(description: str) -> FhirError:
     return FhirError(
         401,
         [Issue("login", description)],
-        {"WWW-Authenticate": f'Bearer realm="hie", error="invalid_token", '
-                             f'error_description="{description}"'},
+        {
+            "WWW-Authenticate": f'Bearer realm="hie", error="invalid_token", '
+            f'error_description="{description}"'
+        },
     )
 
 

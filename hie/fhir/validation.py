@@ -82,8 +82,11 @@ def structural_issues(resource: dict, type_: str, root: str) -> list[Issue]:
     if not errors:
         return []
     issues = [
-        Issue("structure" if e["type"] == "extra_forbidden" else "value", _message(e),
-              expression=(_fhirpath(root, e["loc"]),))
+        Issue(
+            "structure" if e["type"] == "extra_forbidden" else "value",
+            _message(e),
+            expression=(_fhirpath(root, e["loc"]),),
+        )
         for e in errors[:MAX_ISSUES]
     ]
     if len(errors) > MAX_ISSUES:
@@ -119,7 +122,9 @@ def _xml_whitespace_ok(err: dict, resource: dict) -> bool:
     if err["type"] != "string_pattern_mismatch":
         return False
     value = _lookup(resource, err["loc"])
-    return isinstance(value, str) and re.fullmatch(err["ctx"]["pattern"], value, re.ASCII) is not None
+    return (
+        isinstance(value, str) and re.fullmatch(err["ctx"]["pattern"], value, re.ASCII) is not None
+    )
 
 
 def _primitive_extension_of_extension(err: dict, resource: dict) -> bool:

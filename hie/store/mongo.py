@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure
 
 from hie.store.port import (
     Event,
@@ -57,6 +57,7 @@ from hie.store.port import (
 from hie.store.query import AnyOf, IdIn, Match, Not, Query, Term
 
 _OUTBOX_SEQ = 0
+_NAMESPACE_EXISTS = 48
 _COLUMNS = {"system": "s", "text": "t", "low": "lo", "high": "hi"}
 _OPS = {"eq": "$eq", "lt": "$lt", "le": "$lte", "gt": "$gt", "ge": "$gte"}
 _RESOURCE_INDEXES = [
@@ -154,6 +155,13 @@ class MongoStore(Store):
         self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
         self._indexed = set()
         await self._db["history"].create_indexes(_HISTORY_INDEXES)
+        try:  # up front: a cross-shard transaction cannot create a collection
+            await self._db.create_collection("outbox")
+        except CollectionInvalid:
+            pass
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_EXISTS:
+                raise
         await self._db["counters"].update_one(
             {"_id": _OUTBOX_SEQ}, {"$setOnInsert": {"n": 0}}, upsert=True
         )

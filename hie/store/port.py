@@ -93,9 +93,7 @@ class VersionConflict(StoreError):
     """A write's ``prev_version`` did not match the stored version."""
 
     def __init__(self, type_: str, id_: str, expected: int, actual: int):
-        super().__init__(
-            f"{type_}/{id_}: expected version {expected}, store has {actual}"
-        )
+        super().__init__(f"{type_}/{id_}: expected version {expected}, store has {actual}")
         self.type = type_
         self.id = id_
         self.expected = expected
@@ -147,8 +145,9 @@ class Store(ABC):
 
         ``since``: only versions with ``last_updated >= since``. ``at``: for each
         resource only the version that was current at that instant (the newest
-        version with ``last_updated <= at``). Ties on ``last_updated`` are broken by
-        commit order, newest first.
+        version with ``last_updated <= at``); with both, ``since`` filters what ``at``
+        picked. Ties on ``last_updated`` are broken by commit order, newest first (within
+        one commit, a later write is newer). ``count=0`` returns only the total.
         """
 
     @abstractmethod

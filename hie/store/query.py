@@ -20,8 +20,9 @@ correctly as strings.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 Column = Literal["system", "text", "low", "high"]
 Op = Literal["eq", "lt", "le", "gt", "ge", "prefix", "null"]
@@ -81,8 +82,18 @@ class Not:
     term: Term
 
 
-Term = Union[Match, IdIn, AnyOf, Not]
+Term = Match | IdIn | AnyOf | Not
 Query = tuple[Term, ...]
+
+
+_COMPARE = {
+    "eq": operator.eq,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "prefix": str.startswith,
+}
 
 
 def row_matches(row: IndexRow, conds: tuple[Cond, ...]) -> bool:
@@ -92,18 +103,6 @@ def row_matches(row: IndexRow, conds: tuple[Cond, ...]) -> bool:
         if cond.op == "null":
             if have is not None:
                 return False
-            continue
-        if have is None:
-            return False
-        want = cond.value
-        ok = {
-            "eq": lambda: have == want,
-            "lt": lambda: have < want,
-            "le": lambda: have <= want,
-            "gt": lambda: have > want,
-            "ge": lambda: have >= want,
-            "prefix": lambda: have.startswith(want),
-        }[cond.op]()
-        if not ok:
+        elif have is None or not _COMPARE[cond.op](have, cond.value):
             return False
     return True

@@ -222,10 +222,7 @@ class SqliteStore(Store):
                 if w.body is not None and w.index:
                     conn.executemany(
                         "INSERT INTO search_index VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (w.type, w.id, r.param, r.system, r.text, r.low, r.high)
-                            for r in w.index
-                        ],
+                        [(w.type, w.id, r.param, r.system, r.text, r.low, r.high) for r in w.index],
                     )
                 conn.execute(
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",

@@ -138,6 +138,11 @@ class _Database:
     def __getitem__(self, name: str) -> _Collection:
         return _Collection(self._client, self._sync[name])
 
+    async def create_collection(self, name: str) -> _Collection:
+        async with self._client.access(None):
+            self._sync.create_collection(name)
+        return self[name]
+
 
 class _Collection:
     def __init__(self, client: AsyncMongomockClient, sync: Any):

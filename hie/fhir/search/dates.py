@@ -75,10 +75,10 @@ def date_range(value: str) -> tuple[str, str]:
     if second == 60:  # a leap second: FHIR allows it, datetime does not
         second = 59
     frac = m["f"] or ""
-    low = datetime(year, month, day, int(m["H"]), int(m["M"]), second,
-                   int((frac + "000000")[:6]), tzinfo=tz)
+    low = datetime(
+        year, month, day, int(m["H"]), int(m["M"]), second, int((frac + "000000")[:6]), tzinfo=tz
+    )
     if len(frac) >= 6:
         return fmt(low), fmt(low)
     span = timedelta(seconds=1) / (10 ** len(frac))
     return fmt(low), fmt(low + span - _TICK)
-

@@ -17,5 +17,7 @@ def index_rows(resource: dict, last_updated: str) -> list[IndexRow]:
     if isinstance(identifiers, list):
         for ident in identifiers:
             if isinstance(ident, dict) and (ident.get("system") or ident.get("value")):
-                rows.append(IndexRow("identifier", system=ident.get("system"), text=ident.get("value")))
+                rows.append(
+                    IndexRow("identifier", system=ident.get("system"), text=ident.get("value"))
+                )
     return rows

@@ -196,4 +196,6 @@ def _date_term(name: str, raw: str) -> Term:
     lo_dt = datetime.strptime(low, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     hi_dt = datetime.strptime(high, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     slack = abs(datetime.now(UTC) - lo_dt) / 10
-    return Match(name, (Cond("low", "le", fmt(hi_dt + slack)), Cond("high", "ge", fmt(lo_dt - slack))))
+    return Match(
+        name, (Cond("low", "le", fmt(hi_dt + slack)), Cond("high", "ge", fmt(lo_dt - slack)))
+    )

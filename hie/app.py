@@ -1,0 +1,84 @@
+"""The ASGI application: store, services and routes wired from :class:`Settings`."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from hie.access.tokens import TokenAuthority, load_or_create_key
+from hie.config import Settings
+from hie.fhir.errors import FhirError, Issue, outcome
+from hie.fhir.http import Format, fhir_response
+from hie.fhir.routes import router
+from hie.fhir.service import FhirService
+from hie.store import Store
+
+log = logging.getLogger("hie")
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings select: MongoDB when a URI is set, else embedded SQLite."""
+    if settings.mongodb_uri:
+        from hie.store.mongo import MongoStore
+
+        return MongoStore(settings.mongodb_uri, settings.mongodb_database)
+    from hie.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
+
+
+def _error_response(status: int, issues: list[Issue], headers: dict | None = None) -> Response:
+    return fhir_response(status, outcome(issues), Format(), headers)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    """Build the application; ``store`` overrides the one the settings select."""
+    settings = settings or Settings.from_env()
+    store = store or open_store(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await store.open()
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(title="HIE", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.service = FhirService(store, settings)
+    app.state.tokens = TokenAuthority(load_or_create_key(settings.key_file))
+    app.include_router(router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.exception_handler(FhirError)
+    async def fhir_error(request: Request, exc: FhirError) -> Response:
+        return _error_response(exc.status, exc.issues, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"No FHIR interaction at {request.url.path}"
+        return _error_response(exc.status_code, [Issue(code, detail)], dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(400, [Issue("invalid", str(exc.errors()))])
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(500, [Issue("exception", "Internal server error")])
+
+    return app

@@ -1,0 +1,347 @@
+"""Batch and transaction Bundles posted to the base URL.
+
+Transaction (all or nothing): entries are processed in the order the spec gives
+(DELETE, POST, PUT/PATCH, then GET/HEAD), ``urn:uuid:`` full URLs and conditional
+references (``Patient?identifier=...``) are resolved first and rewritten wherever they
+occur in the entries' resources, every write is planned against the current state and
+then all are committed in one atomic store commit. Any failure fails the whole
+transaction with an OperationOutcome naming the entry.
+
+Batch: each entry runs on its own; failures become that entry's response.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+
+from hie.access.principal import Principal
+from hie.fhir.errors import FhirError, Issue, error, outcome
+from hie.fhir.http import parse_etag
+from hie.fhir.interactions import (
+    Answer,
+    Call,
+    parse_url,
+    perform,
+    status_line,
+    write_answer,
+    write_plan,
+)
+from hie.fhir.search.dates import now, to_fhir_instant
+from hie.fhir.service import FhirService, new_id
+from hie.fhir.validation import check_resource
+from hie.store import VersionConflict
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+class _Entry:
+    __slots__ = ("index", "call", "full_url", "where")
+
+    def __init__(self, index: int, call: Call, full_url: str | None):
+        self.index = index
+        self.call = call
+        self.full_url = full_url
+        self.where = f"Bundle.entry[{index}].resource"
+
+
+def _parse_entries(bundle: dict, base: str, prefer: dict[str, str]) -> list[_Entry]:
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+    parsed = []
+    for index, entry in enumerate(entries):
+        where = f"Bundle.entry[{index}]"
+        if not isinstance(entry, dict):
+            raise error(400, "structure", "A Bundle entry must be an object", where)
+        request = entry.get("request")
+        if not isinstance(request, dict):
+            raise error(400, "required", "Each entry needs a request", f"{where}.request")
+        method, url = request.get("method"), request.get("url")
+        if method not in _ORDER:
+            raise error(
+                400, "value", f"Unsupported request.method {method!r}", f"{where}.request.method"
+            )
+        if not isinstance(url, str) or not url:
+            raise error(400, "required", "request.url is required", f"{where}.request.url")
+        if url.startswith(base + "/"):
+            url = url[len(base) + 1 :]
+        call = parse_url(method, url)
+        call.body = entry.get("resource")
+        call.prefer = prefer
+        if method in ("POST", "PUT") and not isinstance(call.body, dict):
+            raise error(400, "required", f"A {method} entry needs a resource", f"{where}.resource")
+        if_match = request.get("ifMatch")
+        if if_match is not None:
+            call.if_match = parse_etag(str(if_match), f"{where}.request.ifMatch")
+        if_none_exist = request.get("ifNoneExist")
+        if if_none_exist is not None:
+            call.if_none_exist = parse_url("GET", f"X?{if_none_exist}").params
+        full_url = entry.get("fullUrl")
+        parsed.append(_Entry(index, call, full_url if isinstance(full_url, str) else None))
+    return parsed
+
+
+def _response_entry(answer: Answer, base: str) -> dict:
+    response: dict[str, Any] = {"status": status_line(answer.status)}
+    v = answer.version
+    if v is not None:
+        if answer.location:
+            response["location"] = f"{v.type}/{v.id}/_history/{v.version}"
+        response["etag"] = f'W/"{v.version}"'
+        response["lastModified"] = to_fhir_instant(v.last_updated)
+    entry: dict[str, Any] = {}
+    if v is not None and not v.deleted:
+        entry["fullUrl"] = f"{base}/{v.type}/{v.id}"
+    if isinstance(answer.body, bytes):
+        entry["resource"] = orjson.Fragment(answer.body)
+    elif isinstance(answer.body, dict):
+        if answer.body.get("resourceType") == "OperationOutcome":
+            response["outcome"] = answer.body
+        else:
+            entry["resource"] = answer.body
+    entry["response"] = response
+    return entry
+
+
+def _shell(kind: str) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": to_fhir_instant(now())},
+        "type": kind,
+        "entry": [],
+    }
+
+
+async def process(
+    service: FhirService, principal: Principal, bundle: Any, base: str, prefer: dict[str, str]
+) -> dict:
+    """Process a batch or transaction Bundle and return the response Bundle."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise error(400, "structure", "POST to the base URL takes a Bundle")
+    kind = bundle.get("type")
+    if kind not in ("batch", "transaction"):
+        raise error(
+            400, "value", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type"
+        )
+    entries = _parse_entries(bundle, base, prefer)
+    if kind == "batch":
+        return await _batch(service, principal, entries, base)
+    return await _transaction(service, principal, entries, base)
+
+
+async def _batch(
+    service: FhirService, principal: Principal, entries: list[_Entry], base: str
+) -> dict:
+    response = _shell("batch-response")
+    for entry in entries:
+        try:
+            if entry.call.type is None and not entry.call.history:
+                raise error(400, "invalid", "Entries must address a resource type")
+            answer = await perform(service, principal, entry.call, base)
+            response["entry"].append(_response_entry(answer, base))
+        except FhirError as exc:
+            response["entry"].append(
+                {"response": {"status": str(exc.status), "outcome": outcome(exc.issues)}}
+            )
+    return response
+
+
+async def _transaction(
+    service: FhirService, principal: Principal, entries: list[_Entry], base: str
+) -> dict:
+    try:
+        return await _run_transaction(service, principal, entries, base)
+    except FhirError as exc:
+        raise exc
+    except VersionConflict as exc:
+        raise error(409, "conflict", f"Transaction failed on a concurrent change: {exc}") from None
+
+
+async def _run_transaction(
+    service: FhirService, principal: Principal, entries: list[_Entry], base: str
+) -> dict:
+    ids = await _resolve_identities(service, principal, entries)
+    for entry in entries:
+        if isinstance(entry.call.body, dict):
+            entry.call.body = _rewrite(entry.call.body, ids)
+        await _resolve_conditional_references(service, principal, entry, ids)
+    ordered = sorted(entries, key=lambda e: (_ORDER[e.call.method], e.index))
+    answers: dict[int, Answer] = {}
+    writes, touched = [], {}
+    for entry in ordered:
+        call = entry.call
+        if call.method in ("GET", "HEAD"):
+            continue
+        reserved = ids.get(entry.full_url or "", "")
+        if call.method == "POST" and reserved:
+            planner = _create_with_id(service, principal, entry, reserved.split("/", 1)[1])
+        else:
+            planner = write_plan(service, principal, call, entry.where)
+            if planner is None:
+                raise _at(
+                    entry,
+                    error(
+                        400,
+                        "not-supported",
+                        f"{call.method} of this URL is not a write interaction",
+                    ),
+                )
+        try:
+            write, result = await planner()
+        except FhirError as exc:
+            raise _at(entry, exc) from None
+        if write is not None:
+            key = f"{write.type}/{write.id}"
+            if key in touched:
+                raise _at(
+                    entry,
+                    error(
+                        400,
+                        "duplicate",
+                        f"{key} is also changed by entry "
+                        f"{touched[key]}; a transaction may change a resource once",
+                    ),
+                )
+            touched[key] = entry.index
+            writes.append(write)
+        answers[entry.index] = write_answer(result, call.prefer)
+    try:
+        await service.store.commit(writes)
+    except VersionConflict as exc:
+        raise error(409, "conflict", f"Transaction failed on a concurrent change: {exc}") from None
+    for entry in ordered:
+        if entry.call.method in ("GET", "HEAD"):
+            try:
+                answers[entry.index] = await perform(service, principal, entry.call, base)
+            except FhirError as exc:
+                raise _at(entry, exc) from None
+    response = _shell("transaction-response")
+    response["entry"] = [_response_entry(answers[e.index], base) for e in entries]
+    return response
+
+
+def _create_with_id(service: FhirService, principal: Principal, entry: _Entry, id_: str):
+    call = entry.call
+    return lambda: service.plan_create(
+        principal, call.type, call.body, call.if_none_exist, id_=id_, where=entry.where
+    )
+
+
+async def _resolve_identities(
+    service: FhirService, principal: Principal, entries: list[_Entry]
+) -> dict[str, str]:
+    """Map each entry's fullUrl to the ``Type/id`` the resource will have."""
+    ids: dict[str, str] = {}
+    for entry in entries:
+        call, full_url = entry.call, entry.full_url
+        if not full_url or call.type is None:
+            continue
+        target = None
+        try:
+            if call.method == "POST":
+                if call.if_none_exist is not None:
+                    check_resource(call.body, call.type, entry.where)
+                    found = await service.match(principal, call.type, call.if_none_exist)
+                    if len(found) > 1:
+                        raise error(
+                            412, "duplicate", f"ifNoneExist matched several {call.type} resources"
+                        )
+                    target = found[0].id if found else None
+                target = target or new_id()
+            elif call.method == "PUT" and call.id is not None:
+                target = call.id
+            elif call.method == "PUT":
+                found = await service.match(principal, call.type, call.params)
+                if len(found) > 1:
+                    raise error(
+                        412,
+                        "multiple-matches",
+                        f"The condition matched several {call.type} resources",
+                    )
+                target = found[0].id if found else (call.body or {}).get("id") or new_id()
+                if not found:
+                    call.id = target
+                    call.body = {**call.body, "id": target}
+        except FhirError as exc:
+            raise _at(entry, exc) from None
+        if target is not None:
+            if full_url in ids:
+                raise _at(entry, error(400, "duplicate", f"fullUrl {full_url} appears twice"))
+            ids[full_url] = f"{call.type}/{target}"
+    return ids
+
+
+def _rewrite(node: Any, ids: dict[str, str]) -> Any:
+    """Replace every string equal to a resolved fullUrl (references, canonical and
+    uri elements) with the resource's ``Type/id``."""
+    if isinstance(node, dict):
+        return {k: _rewrite(v, ids) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite(v, ids) for v in node]
+    if isinstance(node, str) and node in ids:
+        return ids[node]
+    return node
+
+
+async def _resolve_conditional_references(
+    service: FhirService, principal: Principal, entry: _Entry, ids: dict[str, str]
+) -> None:
+    """Replace ``{"reference": "Type?criteria"}`` with the one resource it matches."""
+    if not isinstance(entry.call.body, dict):
+        return
+    found: list[dict] = []
+    _collect_conditional(entry.call.body, found)
+    for ref in found:
+        type_, _, query = ref["reference"].partition("?")
+        criteria = parse_url("GET", f"{type_}?{query}").params
+        try:
+            matches = await service.match(principal, type_, criteria)
+        except FhirError as exc:
+            raise _at(entry, exc) from None
+        if len(matches) != 1:
+            what = "no" if not matches else "several"
+            raise _at(
+                entry,
+                error(
+                    412,
+                    "not-found" if not matches else "multiple-matches",
+                    f"Conditional reference {ref['reference']!r} matched "
+                    f"{what} resources; it must match exactly one",
+                ),
+            )
+        ref["reference"] = f"{type_}/{matches[0].id}"
+
+
+def _collect_conditional(node: Any, out: list[dict]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if (
+            isinstance(ref, str)
+            and "?" in ref
+            and "/" not in ref.split("?", 1)[0]
+            and not ref.startswith(("http:", "https:", "urn:", "#"))
+        ):
+            out.append(node)
+        for value in node.values():
+            _collect_conditional(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_conditional(value, out)
+
+
+def _at(entry: _Entry, exc: FhirError) -> FhirError:
+    """Prefix an entry's error so the OperationOutcome says which entry failed."""
+    issues = [
+        Issue(
+            i.code,
+            f"Bundle.entry[{entry.index}]: {i.diagnostics}",
+            i.severity,
+            i.expression or (f"Bundle.entry[{entry.index}]",),
+        )
+        for i in exc.issues
+    ]
+    return FhirError(exc.status, issues, exc.headers)

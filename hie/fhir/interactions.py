@@ -1,0 +1,300 @@
+"""One dispatcher for every FHIR interaction, used by the HTTP routes and by the
+entries of batch and transaction Bundles alike.
+
+A :class:`Call` is an interaction parsed from a URL (method, type, id, version,
+parameters, body and conditional headers). :func:`perform` runs it and returns an
+:class:`Answer`, which the HTTP layer turns into a response and the Bundle processor
+into an ``entry.response``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
+
+from hie.access.principal import Principal
+from hie.fhir.errors import error, information
+from hie.fhir.search.dates import date_range, now, to_fhir_instant
+from hie.fhir.service import FhirService, Plan, Result
+from hie.fhir.shaping import check_summary, parse_elements, shape
+from hie.store import Page, Version
+
+Params = list[tuple[str, str]]
+_HISTORY_PARAMS = frozenset(
+    {"_count", "_offset", "_since", "_at", "_format", "_pretty", "_summary", "_elements"}
+)
+_STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+
+
+@dataclass
+class Call:
+    """A FHIR interaction: ``GET Patient/1``, ``POST Observation``, ``PUT Patient?...``."""
+
+    method: str
+    type: str | None = None
+    id: str | None = None
+    vid: str | None = None
+    history: bool = False
+    search: bool = False
+    params: Params = field(default_factory=list)
+    body: Any = None
+    if_match: int | None = None
+    if_none_exist: Params | None = None
+    prefer: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    """What an interaction produced: status, body and the version behind it."""
+
+    status: int
+    body: bytes | dict | None = None
+    version: Version | None = None
+    location: bool = False
+
+
+def parse_url(method: str, url: str) -> Call:
+    """Parse a relative FHIR URL (``Type``, ``Type/id``, ``Type/id/_history/v``,
+    ``Type?query``, ``_history``, ``Type/_search``) into a :class:`Call`."""
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    call = Call(method.upper(), params=parse_qsl(parts.query, keep_blank_values=True))
+    if segments[:1] == ["_history"] and len(segments) == 1:
+        call.history = True
+        return call
+    if not segments or len(segments) > 4:
+        raise error(400, "invalid", f"Not a FHIR interaction URL: {url!r}")
+    call.type = segments[0]
+    rest = segments[1:]
+    if rest == ["_history"]:
+        call.history = True
+    elif rest == ["_search"]:
+        call.search = True
+    elif len(rest) == 1:
+        call.id = rest[0]
+    elif len(rest) == 2 and rest[1] == "_history":
+        call.id, call.history = rest[0], True
+    elif len(rest) == 3 and rest[1] == "_history":
+        call.id, call.vid = rest[0], rest[2]
+    elif rest:
+        raise error(400, "invalid", f"Not a FHIR interaction URL: {url!r}")
+    return call
+
+
+def write_plan(
+    service: FhirService, principal: Principal, call: Call, where: str = ""
+) -> Callable[[], Awaitable[Plan]] | None:
+    """The planner of a write interaction, or None when ``call`` only reads."""
+    m, t, i = call.method, call.type, call.id
+    if m == "POST" and t and not i and not call.search and not call.history:
+        return lambda: service.plan_create(principal, t, call.body, call.if_none_exist, where=where)
+    if m not in ("PUT", "PATCH", "DELETE") or t is None or call.history or call.search:
+        return None
+    if call.vid is not None:
+        raise error(405, "not-supported", f"{m} is not allowed on a specific version")
+
+    def on_id(id_: str) -> Awaitable[Plan]:
+        if m == "PUT":
+            return service.plan_update(principal, t, id_, call.body, call.if_match, where=where)
+        if m == "PATCH":
+            return service.plan_patch(principal, t, id_, call.body, call.if_match)
+        return service.plan_delete(principal, t, id_, call.if_match)
+
+    if i is not None:
+        return lambda: on_id(i)
+    criteria = _criteria(call.params)
+
+    async def on_none() -> Plan:
+        if m == "PUT":  # spec: create, with the client's id if the body has one
+            body_id = call.body.get("id") if isinstance(call.body, dict) else None
+            if body_id is not None:
+                return await service.plan_update(
+                    principal, t, body_id, call.body, None, where=where
+                )
+            return await service.plan_create(principal, t, call.body, where=where)
+        if m == "PATCH":
+            raise error(404, "not-found", f"No {t} matches the condition")
+        return None, Result(204, None, f"No {t} matched the condition; nothing deleted")
+
+    async def on_match(id_: str) -> Plan:
+        body_id = call.body.get("id") if isinstance(call.body, dict) else None
+        if m == "PUT" and body_id is not None and body_id != id_:
+            raise error(
+                400,
+                "invariant",
+                f"The resource id {body_id!r} differs from the matched {t}/{id_}",
+                f"{where or t}.id",
+            )
+        if m == "PUT" and isinstance(call.body, dict) and body_id is None:
+            call.body = {**call.body, "id": id_}
+        return await on_id(id_)
+
+    return lambda: service.plan_conditional(principal, t, criteria, on_match, on_none)
+
+
+def _criteria(params: Params) -> Params:
+    """The search criteria of a conditional URL (result parameters dropped)."""
+    return [(k, v) for k, v in params if k not in ("_format", "_pretty")]
+
+
+def write_answer(result: Result, prefer: dict[str, str]) -> Answer:
+    """The answer to a completed write, honouring ``Prefer: return``."""
+    ret = prefer.get("return", "representation")
+    version = result.version
+    location = result.status == 201
+    if ret == "OperationOutcome":
+        status = 200 if result.status == 204 else result.status
+        return Answer(status, information(result.message), version, location)
+    if ret == "minimal" or version is None or version.deleted:
+        return Answer(result.status, None, version, location)
+    return Answer(result.status, version.body, version, location)
+
+
+async def perform(service: FhirService, principal: Principal, call: Call, base: str) -> Answer:
+    """Run one interaction to completion (writes are committed on their own)."""
+    plan = write_plan(service, principal, call)
+    if plan is not None:
+        result = await service.run(plan, guarded=call.if_match is not None)
+        return write_answer(result, call.prefer)
+    if call.method not in ("GET", "HEAD") and not (call.method == "POST" and call.search):
+        raise error(405, "not-supported", f"{call.method} is not supported on this URL")
+    summary = check_summary(_param(call.params, "_summary"))
+    elements = parse_elements(_param(call.params, "_elements"))
+    if call.history:
+        return Answer(200, await _history(service, principal, call, base, summary, elements))
+    if call.vid is not None:
+        found = await service.vread(principal, call.type, call.id, call.vid)
+        return Answer(200, _shaped(found.body, summary, elements), found)
+    if call.id is not None:
+        found = await service.read(principal, call.type, call.id)
+        return Answer(200, _shaped(found.body, summary, elements), found)
+    if call.type is None:
+        raise error(400, "invalid", "A resource type is required")
+    strict = call.prefer.get("handling") == "strict"
+    req = service.parse(call.type, call.params, strict=strict)
+    if summary == "count":
+        req.count = 0
+    page = await service.search(principal, call.type, req)
+    path = f"{base}/{call.type}"
+    bundle = _bundle("searchset", page, path, req.used, req.count, req.offset)
+    bundle["entry"] = [
+        {
+            "fullUrl": f"{base}/{v.type}/{v.id}",
+            "resource": _fragment(v.body, summary, elements),
+            "search": {"mode": "match"},
+        }
+        for v in page.items
+    ]
+    return Answer(200, bundle)
+
+
+def _param(params: Params, name: str) -> str | None:
+    values = [v for k, v in params if k == name]
+    if len(values) > 1:
+        raise error(400, "invalid", f"{name} may be given only once")
+    return values[0] if values else None
+
+
+def _shaped(body: bytes, summary: str | None, elements: frozenset[str] | None) -> bytes:
+    if summary is None and elements is None:
+        return body
+    return orjson.dumps(shape(orjson.loads(body), summary, elements))
+
+
+def _fragment(body: bytes, summary: str | None, elements: frozenset[str] | None):
+    return orjson.Fragment(_shaped(body, summary, elements))
+
+
+async def _history(
+    service: FhirService,
+    principal: Principal,
+    call: Call,
+    base: str,
+    summary: str | None,
+    elements: frozenset[str] | None,
+) -> dict:
+    for key, _ in call.params:
+        if key not in _HISTORY_PARAMS:
+            raise error(400, "not-supported", f"Unknown history parameter {key!r}")
+    count = _int_param(call.params, "_count", service.settings.default_count)
+    count = min(count, service.settings.max_count)
+    offset = _int_param(call.params, "_offset", 0)
+    since = _instant_param(call.params, "_since")
+    at = _instant_param(call.params, "_at")
+    page = await service.history(
+        principal, call.type, call.id, since=since, at=at, count=count, offset=offset
+    )
+    path = "/".join(p for p in (base, call.type, call.id) if p) + "/_history"
+    used = [(k, v) for k, v in call.params if k in ("_since", "_at", "_summary", "_elements")]
+    bundle = _bundle("history", page, path, used, count, offset)
+    bundle["entry"] = [_history_entry(v, base, summary, elements) for v in page.items]
+    return bundle
+
+
+def _history_entry(v: Version, base: str, summary, elements) -> dict:
+    entry: dict = {"fullUrl": f"{base}/{v.type}/{v.id}"}
+    if v.body is not None:
+        entry["resource"] = _fragment(v.body, summary, elements)
+    url = v.type if v.method == "POST" else f"{v.type}/{v.id}"
+    entry["request"] = {"method": v.method, "url": url}
+    status = {"POST": "201 Created", "DELETE": "204 No Content"}.get(v.method, "200 OK")
+    entry["response"] = {
+        "status": status,
+        "etag": f'W/"{v.version}"',
+        "lastModified": to_fhir_instant(v.last_updated),
+    }
+    return entry
+
+
+def _int_param(params: Params, name: str, default: int) -> int:
+    value = _param(params, name)
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise error(400, "invalid", f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _instant_param(params: Params, name: str) -> str | None:
+    value = _param(params, name)
+    if value is None:
+        return None
+    try:
+        return date_range(value)[0]
+    except ValueError:
+        raise error(400, "invalid", f"{name} must be a FHIR instant, got {value!r}") from None
+
+
+def _bundle(kind: str, page: Page, path: str, used: Params, count: int, offset: int) -> dict:
+    """A searchset/history Bundle shell with total and paging links."""
+
+    def link(relation: str, off: int) -> dict:
+        query = [*used_filtered, ("_count", str(count)), ("_offset", str(off))]
+        return {"relation": relation, "url": f"{path}?{urlencode(query)}"}
+
+    used_filtered = [(k, v) for k, v in used if k not in ("_count", "_offset")]
+    links = [link("self", offset)]
+    if count:
+        links.append(link("first", 0))
+        if offset > 0:
+            links.append(link("previous", max(offset - count, 0)))
+        if offset + count < page.total:
+            links.append(link("next", offset + count))
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": to_fhir_instant(now())},
+        "type": kind,
+        "total": page.total,
+        "link": links,
+    }
+
+
+def status_line(status: int) -> str:
+    """``entry.response.status`` text for an HTTP status."""
+    return _STATUS_TEXT.get(status, str(status))

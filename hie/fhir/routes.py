@@ -1,0 +1,226 @@
+"""HTTP routes of the FHIR REST API under ``/fhir``.
+
+Each route authenticates the caller, turns the request into a
+:class:`~hie.fhir.interactions.Call` and renders the
+:class:`~hie.fhir.interactions.Answer`; the FHIR logic lives in the dispatcher.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from hie.access.principal import LOCAL_DEVELOPER, Principal
+from hie.fhir import bundles
+from hie.fhir.capability import capability_statement
+from hie.fhir.errors import error
+from hie.fhir.http import (
+    JSON_PATCH,
+    check_content_type,
+    fhir_response,
+    negotiate,
+    not_modified,
+    parse_etag,
+    prefer,
+    read_body,
+    version_headers,
+)
+from hie.fhir.interactions import Answer, Call, perform
+from hie.fhir.service import FhirService
+from hie.fhir.validation import parse_json
+
+router = APIRouter(prefix="/fhir")
+
+
+def base_url(request: Request) -> str:
+    """The FHIR base URL as clients see it."""
+    configured = request.app.state.settings.base_url
+    return configured or f"{str(request.base_url).rstrip('/')}/fhir"
+
+
+def authenticate(request: Request) -> Principal:
+    """The caller: from the bearer token, or the local developer when auth is off."""
+    if not request.app.state.settings.auth:
+        return LOCAL_DEVELOPER
+    return request.app.state.tokens.authenticate(request.headers.get("authorization"))
+
+
+def _service(request: Request) -> FhirService:
+    return request.app.state.service
+
+
+async def _json_body(request: Request, allowed: set[str] | None = None) -> object:
+    if allowed is None:
+        check_content_type(request)
+    else:
+        check_content_type(request, allowed)
+    return parse_json(await read_body(request, request.app.state.settings.max_body_bytes))
+
+
+def _render(request: Request, answer: Answer, base: str, read: bool = False) -> Response:
+    fmt = negotiate(request)
+    headers = version_headers(answer.version, base, answer.location)
+    if read and answer.version is not None and not_modified(request, answer.version):
+        return Response(status_code=304, headers=headers)
+    return fhir_response(answer.status, answer.body, fmt, headers)
+
+
+async def _run(request: Request, call: Call, read: bool = False) -> Response:
+    negotiate(request)  # 406 before doing any work
+    principal = authenticate(request)
+    call.prefer = prefer(request)
+    base = base_url(request)
+    answer = await perform(_service(request), principal, call, base)
+    return _render(request, answer, base, read)
+
+
+def _params(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
+
+
+def _if_match(request: Request) -> int | None:
+    return parse_etag(request.headers.get("if-match"), "If-Match")
+
+
+@router.get("/metadata")
+async def metadata(request: Request) -> Response:
+    """The CapabilityStatement (public, as SMART requires)."""
+    settings = request.app.state.settings
+    return fhir_response(
+        200, capability_statement(base_url(request), settings.auth), negotiate(request)
+    )
+
+
+@router.post("")
+@router.post("/")
+async def batch_or_transaction(request: Request) -> Response:
+    """Process a batch or transaction Bundle."""
+    fmt = negotiate(request)
+    principal = authenticate(request)
+    preference = prefer(request)
+    bundle = await _json_body(request)
+    base = base_url(request)
+    result = await bundles.process(_service(request), principal, bundle, base, preference)
+    return fhir_response(200, result, fmt)
+
+
+@router.get("/_history")
+async def history_system(request: Request) -> Response:
+    """History of every resource on the server."""
+    return await _run(request, Call("GET", history=True, params=_params(request)))
+
+
+@router.get("/{type_}")
+async def search(request: Request, type_: str) -> Response:
+    """Search (GET)."""
+    return await _run(request, Call("GET", type_, params=_params(request)))
+
+
+@router.post("/{type_}/_search")
+async def search_post(request: Request, type_: str) -> Response:
+    """Search (POST with form-encoded parameters, merged with the URL's)."""
+    check_content_type(request, {"application/x-www-form-urlencoded"})
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        raise error(400, "invalid", "The _search body is not form-encoded") from None
+    call = Call("POST", type_, search=True, params=_params(request) + form)
+    return await _run(request, call)
+
+
+@router.post("/{type_}")
+async def create(request: Request, type_: str) -> Response:
+    """Create, conditional with If-None-Exist."""
+    call = Call("POST", type_, body=await _json_body(request))
+    inx = request.headers.get("if-none-exist")
+    if inx is not None:
+        call.if_none_exist = parse_qsl(
+            inx.removeprefix(f"{type_}?").lstrip("?"), keep_blank_values=True
+        )
+    return await _run(request, call)
+
+
+@router.put("/{type_}")
+async def conditional_update(request: Request, type_: str) -> Response:
+    """Conditional update: ``PUT Type?criteria``."""
+    call = Call(
+        "PUT",
+        type_,
+        params=_params(request),
+        body=await _json_body(request),
+        if_match=_if_match(request),
+    )
+    return await _run(request, call)
+
+
+@router.patch("/{type_}")
+async def conditional_patch(request: Request, type_: str) -> Response:
+    """Conditional patch: ``PATCH Type?criteria`` with a JSON Patch body."""
+    call = Call(
+        "PATCH",
+        type_,
+        params=_params(request),
+        body=await _json_body(request, {JSON_PATCH}),
+        if_match=_if_match(request),
+    )
+    return await _run(request, call)
+
+
+@router.delete("/{type_}")
+async def conditional_delete(request: Request, type_: str) -> Response:
+    """Conditional delete: ``DELETE Type?criteria`` (412 on several matches)."""
+    return await _run(request, Call("DELETE", type_, params=_params(request)))
+
+
+@router.get("/{type_}/_history")
+async def history_type(request: Request, type_: str) -> Response:
+    """History of all resources of a type."""
+    return await _run(request, Call("GET", type_, history=True, params=_params(request)))
+
+
+@router.get("/{type_}/{id_}")
+async def read(request: Request, type_: str, id_: str) -> Response:
+    """Read, with If-None-Match / If-Modified-Since answered by 304."""
+    return await _run(request, Call("GET", type_, id_, params=_params(request)), read=True)
+
+
+@router.put("/{type_}/{id_}")
+async def update(request: Request, type_: str, id_: str) -> Response:
+    """Update, or create with the client's id."""
+    call = Call("PUT", type_, id_, body=await _json_body(request), if_match=_if_match(request))
+    return await _run(request, call)
+
+
+@router.patch("/{type_}/{id_}")
+async def patch(request: Request, type_: str, id_: str) -> Response:
+    """Patch with a JSON Patch (RFC 6902) document."""
+    call = Call(
+        "PATCH",
+        type_,
+        id_,
+        body=await _json_body(request, {JSON_PATCH}),
+        if_match=_if_match(request),
+    )
+    return await _run(request, call)
+
+
+@router.delete("/{type_}/{id_}")
+async def delete(request: Request, type_: str, id_: str) -> Response:
+    """Delete (logical: a later read gives 410)."""
+    return await _run(request, Call("DELETE", type_, id_, if_match=_if_match(request)))
+
+
+@router.get("/{type_}/{id_}/_history")
+async def history_instance(request: Request, type_: str, id_: str) -> Response:
+    """History of one resource."""
+    return await _run(request, Call("GET", type_, id_, history=True, params=_params(request)))
+
+
+@router.get("/{type_}/{id_}/_history/{vid}")
+async def vread(request: Request, type_: str, id_: str, vid: str) -> Response:
+    """Read a specific version."""
+    call = Call("GET", type_, id_, vid=vid, params=_params(request))
+    return await _run(request, call, read=True)

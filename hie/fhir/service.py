@@ -1,0 +1,339 @@
+"""The FHIR interactions, independent of HTTP: each write is *planned* against the
+current state (producing a :class:`~hie.store.Write` and the :class:`Result` to
+report) and then committed, alone or as part of a transaction Bundle.
+
+Every interaction first asks :func:`hie.access.decision.require`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import jsonpatch
+import jsonpointer
+import orjson
+
+from hie.access.decision import require
+from hie.access.principal import Principal
+from hie.config import Settings
+from hie.fhir.errors import FhirError, error
+from hie.fhir.search.dates import now, to_fhir_instant
+from hie.fhir.search.extract import index_rows
+from hie.fhir.search.params import SearchRequest, parse_search
+from hie.fhir.types import served_types
+from hie.fhir.validation import check_resource, valid_id
+from hie.store import Page, Store, Version, VersionConflict, Write
+
+#: Attempts of an unguarded write (no If-Match) that lost a race to a concurrent one.
+RETRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one interaction: HTTP status, the version it produced or found
+    (for ETag, Location and the body) and a sentence for ``return=OperationOutcome``."""
+
+    status: int
+    version: Version | None
+    message: str
+
+
+Plan = tuple[Write | None, Result]
+
+
+def version_of(write: Write) -> Version:
+    """The version a write will store."""
+    return Version(
+        write.type, write.id, write.version, write.last_updated, write.method, write.body
+    )
+
+
+def check_type(type_: str) -> None:
+    """404 for a resource type this server does not serve."""
+    if type_ not in served_types():
+        raise error(404, "not-supported", f"Resource type {type_!r} is not supported")
+
+
+def check_id(id_: str) -> None:
+    """400 for a syntactically invalid logical id in a URL."""
+    if not valid_id(id_):
+        raise error(400, "value", f"Invalid resource id {id_!r}")
+
+
+def new_id() -> str:
+    """A server-assigned logical id: random, never sequential."""
+    return str(uuid.uuid4())
+
+
+class FhirService:
+    """The REST interactions over a :class:`~hie.store.Store`."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+
+    # ---------------------------------------------------------------- reads
+    async def read(self, principal: Principal, type_: str, id_: str) -> Version:
+        """The current version; 404 if unknown, 410 if deleted."""
+        check_type(type_)
+        require(principal, "r", type_)
+        check_id(id_)
+        current = await self.store.read(type_, id_)
+        if current is None:
+            raise error(404, "not-found", f"{type_}/{id_} is not known")
+        if current.deleted:
+            raise _gone(current)
+        return current
+
+    async def vread(self, principal: Principal, type_: str, id_: str, vid: str) -> Version:
+        """A specific version; 404 if unknown, 410 if that version is a deletion."""
+        check_type(type_)
+        require(principal, "r", type_)
+        check_id(id_)
+        if not vid.isdigit():
+            raise error(404, "not-found", f"{type_}/{id_} has no version {vid!r}")
+        found = await self.store.vread(type_, id_, int(vid))
+        if found is None:
+            raise error(404, "not-found", f"{type_}/{id_} has no version {vid}")
+        if found.deleted:
+            raise _gone(found)
+        return found
+
+    def parse(self, type_: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchRequest:
+        """Parse search parameters with this server's paging limits."""
+        return parse_search(
+            type_,
+            items,
+            default_count=self.settings.default_count,
+            max_count=self.settings.max_count,
+            strict=strict,
+        )
+
+    async def search(self, principal: Principal, type_: str, req: SearchRequest) -> Page:
+        """Current resources of ``type_`` matching a parsed search."""
+        check_type(type_)
+        require(principal, "s", type_)
+        return await self.store.search(type_, req.query, count=req.count, offset=req.offset)
+
+    async def match(
+        self, principal: Principal, type_: str, items: Sequence[tuple[str, str]]
+    ) -> list[Version]:
+        """Resources matching a conditional interaction's criteria (at most two are
+        fetched: the callers only distinguish none, one and many). Criteria are
+        parsed strictly: an unknown parameter must not silently match everything."""
+        check_type(type_)
+        require(principal, "s", type_)
+        req = self.parse(type_, items, strict=True)
+        if not req.query:
+            raise error(400, "invalid", f"The condition on {type_} has no search criteria")
+        page = await self.store.search(type_, req.query, count=2)
+        return page.items
+
+    async def history(
+        self,
+        principal: Principal,
+        type_: str | None,
+        id_: str | None,
+        *,
+        since: str | None,
+        at: str | None,
+        count: int,
+        offset: int,
+    ) -> Page:
+        """History at system (no type), type or instance level, newest first."""
+        if type_ is None:
+            require(principal, "r", "*")
+        else:
+            check_type(type_)
+            require(principal, "r", type_)
+        if id_ is not None:
+            check_id(id_)
+            if await self.store.read(type_, id_) is None:
+                raise error(404, "not-found", f"{type_}/{id_} is not known")
+        return await self.store.history(type_, id_, since=since, at=at, count=count, offset=offset)
+
+    # ---------------------------------------------------------------- plans
+    def new_write(
+        self, type_: str, id_: str, resource: dict | None, prev: Version | None, method: str
+    ) -> Write:
+        """The write storing ``resource`` (None: a tombstone) as the next version."""
+        version = (prev.version if prev else 0) + 1
+        instant = now()
+        body = None
+        index = ()
+        if resource is not None:
+            meta = dict(resource.get("meta") or {})
+            meta["versionId"] = str(version)
+            meta["lastUpdated"] = to_fhir_instant(instant)
+            stored = {"resourceType": type_, "id": id_, "meta": meta}
+            stored.update((k, v) for k, v in resource.items() if k not in stored)
+            body = orjson.dumps(stored)
+            index = index_rows(stored, instant)
+        return Write(type_, id_, prev.version if prev else 0, version, instant, method, body, index)
+
+    async def plan_create(
+        self,
+        principal: Principal,
+        type_: str,
+        resource: object,
+        if_none_exist: Sequence[tuple[str, str]] | None = None,
+        *,
+        id_: str | None = None,
+        where: str = "",
+    ) -> Plan:
+        """Create (POST); ``if_none_exist`` makes it conditional. ``id_`` is the id
+        already reserved for it (transactions resolve ``urn:uuid:`` references first)."""
+        check_type(type_)
+        require(principal, "c", type_)
+        check_resource(resource, type_, where)
+        if if_none_exist is not None:
+            found = await self.match(principal, type_, if_none_exist)
+            if len(found) > 1:
+                raise error(412, "duplicate", f"If-None-Exist matched several {type_} resources")
+            if found:
+                return None, Result(200, found[0], f"{type_}/{found[0].id} already exists")
+        write = self.new_write(type_, id_ or new_id(), resource, None, "POST")
+        return write, Result(201, version_of(write), f"Created {type_}/{write.id}")
+
+    async def plan_update(
+        self,
+        principal: Principal,
+        type_: str,
+        id_: str,
+        resource: object,
+        if_match: int | None = None,
+        *,
+        where: str = "",
+    ) -> Plan:
+        """Update (PUT), creating the resource when it does not exist (or was deleted)."""
+        check_type(type_)
+        require(principal, "u", type_)
+        check_id(id_)
+        check_resource(resource, type_, where)
+        body_id = resource.get("id")
+        if body_id is None:
+            raise error(
+                400, "required", "The resource has no id; update needs one", f"{where or type_}.id"
+            )
+        if body_id != id_:
+            raise error(
+                400,
+                "invariant",
+                f"The resource id {body_id!r} does not match the id {id_!r} in the URL",
+                f"{where or type_}.id",
+            )
+        prev = await self.store.read(type_, id_)
+        _check_if_match(prev, if_match, type_, id_)
+        creating = prev is None or prev.deleted
+        if creating:
+            require(principal, "c", type_)
+        write = self.new_write(type_, id_, resource, prev, "PUT")
+        if creating:
+            return write, Result(201, version_of(write), f"Created {type_}/{id_}")
+        return write, Result(200, version_of(write), f"Updated {type_}/{id_}")
+
+    async def plan_patch(
+        self,
+        principal: Principal,
+        type_: str,
+        id_: str,
+        patch: object,
+        if_match: int | None = None,
+    ) -> Plan:
+        """Apply a JSON Patch (RFC 6902) to the current version."""
+        check_type(type_)
+        require(principal, "u", type_)
+        check_id(id_)
+        if not isinstance(patch, list) or not all(isinstance(op, dict) for op in patch):
+            raise error(400, "invalid", "A JSON Patch document is a JSON array of operations")
+        prev = await self.store.read(type_, id_)
+        if prev is None:
+            raise error(404, "not-found", f"{type_}/{id_} is not known")
+        _check_if_match(prev, if_match, type_, id_)
+        if prev.deleted:
+            raise _gone(prev)
+        current = orjson.loads(prev.body)
+        try:
+            patched = jsonpatch.JsonPatch(patch).apply(current)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise error(422, "processing", f"JSON Patch test failed: {exc}") from None
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise error(422, "processing", f"JSON Patch cannot be applied: {exc}") from None
+        except (TypeError, KeyError, ValueError) as exc:
+            raise error(400, "invalid", f"Malformed JSON Patch: {exc}") from None
+        if not isinstance(patched, dict) or patched.get("id") != id_:
+            raise error(422, "processing", "A patch must not change the resource id", f"{type_}.id")
+        try:
+            check_resource(patched, type_)
+        except FhirError as exc:  # the patch produced an invalid resource: 422, not 400
+            raise FhirError(422, exc.issues) from None
+        write = self.new_write(type_, id_, patched, prev, "PATCH")
+        return write, Result(200, version_of(write), f"Patched {type_}/{id_}")
+
+    async def plan_delete(
+        self, principal: Principal, type_: str, id_: str, if_match: int | None = None
+    ) -> Plan:
+        """Delete: a tombstone version. Deleting what is absent or already deleted
+        succeeds without a new version, as the spec allows."""
+        check_type(type_)
+        require(principal, "d", type_)
+        check_id(id_)
+        prev = await self.store.read(type_, id_)
+        _check_if_match(prev, if_match, type_, id_)
+        if prev is None or prev.deleted:
+            return None, Result(204, prev, f"{type_}/{id_} does not exist; nothing to delete")
+        write = self.new_write(type_, id_, None, prev, "DELETE")
+        return write, Result(204, version_of(write), f"Deleted {type_}/{id_}")
+
+    async def plan_conditional(
+        self,
+        principal: Principal,
+        type_: str,
+        items: Sequence[tuple[str, str]],
+        on_match: Callable[[str], Awaitable[Plan]],
+        on_none: Callable[[], Awaitable[Plan]],
+    ) -> Plan:
+        """Resolve a conditional update/patch/delete: none, one match, or 412."""
+        found = await self.match(principal, type_, items)
+        if len(found) > 1:
+            raise error(412, "multiple-matches", f"The condition matched several {type_} resources")
+        if found:
+            return await on_match(found[0].id)
+        return await on_none()
+
+    # ---------------------------------------------------------------- commit
+    async def run(self, plan: Callable[[], Awaitable[Plan]], guarded: bool) -> Result:
+        """Plan and commit one write. A lost race retries (re-reading the state)
+        unless the client guarded the write with If-Match, which then gets 412."""
+        for _ in range(RETRIES):
+            write, result = await plan()
+            if write is None:
+                return result
+            try:
+                await self.store.commit([write])
+                return result
+            except VersionConflict as exc:
+                if guarded:
+                    raise error(412, "conflict", f"Version conflict: {exc}") from None
+        raise error(409, "conflict", "The resource is being modified concurrently; retry")
+
+
+def _check_if_match(prev: Version | None, if_match: int | None, type_: str, id_: str) -> None:
+    if if_match is None:
+        return
+    if prev is None:
+        raise error(412, "conflict", f"If-Match given but {type_}/{id_} does not exist")
+    if prev.version != if_match:
+        raise error(
+            412,
+            "conflict",
+            f"If-Match version {if_match} is not the current version {prev.version}",
+        )
+
+
+def _gone(version: Version):
+    exc = error(410, "deleted", f"{version.type}/{version.id} was deleted")
+    exc.headers["ETag"] = f'W/"{version.version}"'
+    return exc
