@@ -64,3 +64,7 @@ def token(
     settings = Settings.from_env(data_dir=data_dir)
     authority = TokenAuthority(load_or_create_key(settings.key_file))
     typer.echo(authority.mint(client_id, scope, ttl or settings.token_ttl_seconds))
+
+
+if __name__ == "__main__":
+    app()

@@ -224,8 +224,10 @@ async def _history(
     count = _int_param(call.params, "_count", service.settings.default_count)
     count = min(count, service.settings.max_count)
     offset = _int_param(call.params, "_offset", 0)
-    since = _instant_param(call.params, "_since")
-    at = _instant_param(call.params, "_at")
+    since = _instant_param(call.params, "_since", 0)
+    # _at: the versions current at the end of the value's precision, so that a
+    # millisecond meta.lastUpdated covers the microsecond instant stored.
+    at = _instant_param(call.params, "_at", 1)
     page = await service.history(
         principal, call.type, call.id, since=since, at=at, count=count, offset=offset
     )
@@ -260,12 +262,13 @@ def _int_param(params: Params, name: str, default: int) -> int:
     return int(value)
 
 
-def _instant_param(params: Params, name: str) -> str | None:
+def _instant_param(params: Params, name: str, end: int) -> str | None:
+    """The low (``end=0``) or high (``end=1``) instant of a date/time parameter."""
     value = _param(params, name)
     if value is None:
         return None
     try:
-        return date_range(value)[0]
+        return date_range(value)[end]
     except ValueError:
         raise error(400, "invalid", f"{name} must be a FHIR instant, got {value!r}") from None
 
