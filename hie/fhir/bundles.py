@@ -5,7 +5,8 @@ Transaction (all or nothing): entries are processed in the order the spec gives
 references (``Patient?identifier=...``) are resolved first and rewritten wherever they
 occur in the entries' resources, every write is planned against the current state and
 then all are committed in one atomic store commit. Any failure fails the whole
-transaction with an OperationOutcome naming the entry.
+transaction with an OperationOutcome naming the entry; only the reads (GET/HEAD), which
+run after the commit so that they see its writes, answer a failure in their own entry.
 
 Batch: each entry runs on its own; failures become that entry's response.
 """
@@ -68,7 +69,10 @@ def _parse_entries(bundle: dict, base: str, prefer: dict[str, str]) -> list[_Ent
             raise error(400, "required", "request.url is required", f"{where}.request.url")
         if url.startswith(base + "/"):
             url = url[len(base) + 1 :]
-        call = parse_url(method, url)
+        try:
+            call = parse_url(method, url)
+        except FhirError as exc:  # name the entry: the URL alone may not identify it
+            raise error(exc.status, "invalid", str(exc), f"{where}.request.url") from None
         call.body = entry.get("resource")
         call.prefer = prefer
         if method in ("POST", "PUT") and not isinstance(call.body, dict):
@@ -212,13 +216,19 @@ async def _run_transaction(
     try:
         await service.store.commit(writes)
     except VersionConflict as exc:
+        index = touched.get(f"{exc.type}/{exc.id}")
+        if index is not None and entries[index].call.if_match is not None:
+            # The entry's ifMatch no longer holds: 412, as for a lone If-Match write.
+            raise _at(entries[index], error(412, "conflict", f"Version conflict: {exc}")) from None
         raise error(409, "conflict", f"Transaction failed on a concurrent change: {exc}") from None
     for entry in ordered:
         if entry.call.method in ("GET", "HEAD"):
             try:
                 answers[entry.index] = await perform(service, principal, entry.call, base)
             except FhirError as exc:
-                raise _at(entry, exc) from None
+                # The writes are committed: failing the whole response now would report
+                # a transaction that was in fact applied. The read answers in its entry.
+                answers[entry.index] = Answer(exc.status, outcome(exc.issues))
     response = _shell("transaction-response")
     response["entry"] = [_response_entry(answers[e.index], base) for e in entries]
     return response

@@ -18,6 +18,7 @@ from hie.fhir.capability import capability_statement
 from hie.fhir.errors import error
 from hie.fhir.http import (
     JSON_PATCH,
+    Format,
     check_content_type,
     fhir_response,
     negotiate,
@@ -33,11 +34,31 @@ from hie.fhir.validation import parse_json
 
 router = APIRouter(prefix="/fhir")
 
+#: Base URLs by the request attributes Starlette builds them from (building one costs
+#: more than the rest of a read's routing); bounded, since clients choose the Host.
+_BASE_URLS: dict[tuple, str] = {}
+_BASE_URLS_LIMIT = 256
+
 
 def base_url(request: Request) -> str:
     """The FHIR base URL as clients see it."""
     configured = request.app.state.settings.base_url
-    return configured or f"{str(request.base_url).rstrip('/')}/fhir"
+    if configured:
+        return configured
+    scope = request.scope
+    server = scope.get("server")
+    key = (
+        scope.get("scheme"),
+        tuple(server) if server else None,
+        request.headers.get("host"),
+        scope.get("app_root_path", scope.get("root_path", "")),
+    )
+    found = _BASE_URLS.get(key)
+    if found is None:
+        if len(_BASE_URLS) >= _BASE_URLS_LIMIT:
+            _BASE_URLS.clear()
+        found = _BASE_URLS[key] = f"{str(request.base_url).rstrip('/')}/fhir"
+    return found
 
 
 def authenticate(request: Request) -> Principal:
@@ -59,8 +80,9 @@ async def _json_body(request: Request, allowed: set[str] | None = None) -> objec
     return parse_json(await read_body(request, request.app.state.settings.max_body_bytes))
 
 
-def _render(request: Request, answer: Answer, base: str, read: bool = False) -> Response:
-    fmt = negotiate(request)
+def _render(
+    request: Request, answer: Answer, base: str, fmt: Format, read: bool = False
+) -> Response:
     headers = version_headers(answer.version, base, answer.location)
     if read and answer.version is not None and not_modified(request, answer.version):
         return Response(status_code=304, headers=headers)
@@ -68,12 +90,12 @@ def _render(request: Request, answer: Answer, base: str, read: bool = False) -> 
 
 
 async def _run(request: Request, call: Call, read: bool = False) -> Response:
-    negotiate(request)  # 406 before doing any work
+    fmt = negotiate(request)  # 406 before doing any work
     principal = authenticate(request)
     call.prefer = prefer(request)
     base = base_url(request)
     answer = await perform(_service(request), principal, call, base)
-    return _render(request, answer, base, read)
+    return _render(request, answer, base, fmt, read)
 
 
 def _params(request: Request) -> list[tuple[str, str]]:

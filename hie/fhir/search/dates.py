@@ -17,6 +17,8 @@ _DATE_RE = re.compile(
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 _FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _TICK = timedelta(microseconds=1)
 
 
@@ -31,9 +33,20 @@ def now() -> str:
 
 
 def to_http_date(instant: str) -> str:
-    """An HTTP-date (RFC 9110) for a store instant, as used by ``Last-Modified``."""
-    moment = datetime.strptime(instant, _FMT).replace(tzinfo=UTC)
-    return moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    """An HTTP-date (RFC 9110) for a store instant, as used by ``Last-Modified``.
+
+    Built from the fixed store format by hand: ``strptime`` was a visible share of a
+    read's CPU, and ``%a``/``%b`` would follow the process locale, which HTTP must not."""
+    if len(instant) != 27 or instant[4] != "-":  # not the fixed format (a year < 1000)
+        moment = datetime.strptime(instant, _FMT)
+        return f"{_DAYS[moment.weekday()]}, {moment.day:02d} {_MONTHS[moment.month - 1]} " + (
+            f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} GMT"
+        )
+    day = datetime(int(instant[0:4]), int(instant[5:7]), int(instant[8:10]))
+    return (
+        f"{_DAYS[day.weekday()]}, {instant[8:10]} {_MONTHS[day.month - 1]} {instant[0:4]} "
+        f"{instant[11:19]} GMT"
+    )
 
 
 def to_fhir_instant(instant: str) -> str:
