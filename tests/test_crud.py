@@ -256,3 +256,38 @@ def _json(value) -> bytes:
     import orjson
 
     return orjson.dumps(value)
+
+
+def test_decimals_keep_their_precision(client):
+    # FHIR decimals carry precision: 1.00 is not 1.0; exponents stay as written.
+    raw = (
+        b'{"resourceType": "Observation", "status": "final", "code": {"text": "x"},'
+        b' "valueQuantity": {"value": 1.00}, "component": ['
+        b'{"code": {"text": "a"}, "valueQuantity": {"value": 1.000000000000000000E-245}},'
+        b'{"code": {"text": "b"}, "valueQuantity": {"value": 66.899999999999991}},'
+        b'{"code": {"text": "c"}, "valueQuantity": {"value": 0.010}}]}'
+    )
+    created = client.post("/fhir/Observation", content=raw)
+    assert created.status_code == 201
+    for text in [
+        b'"value":1.00}',
+        b"1.000000000000000000E-245",
+        b"66.899999999999991",
+        b'"value":0.010}',
+    ]:
+        assert text in created.content
+        url = f"/fhir/Observation/{created.json()['id']}"
+        assert text in client.get(url).content
+        assert text in client.get(url, params={"_summary": "data"}).content
+        assert text in client.get("/fhir/Observation").content
+    pretty = client.get(url, params={"_pretty": "true"}).content
+    assert b'"value": 1.00\n' in pretty
+    patched = client.patch(
+        url,
+        content=b'[{"op": "replace", "path": "/status", "value": "amended"}]',
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert b"66.899999999999991" in patched.content and b'"value":1.00}' in patched.content
+    assert (
+        client.post("/fhir/Observation", content=raw.replace(b"1.00}", b"NaN}")).status_code == 400
+    )

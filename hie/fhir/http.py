@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import to_http_date
 from hie.store import Version
@@ -179,18 +179,11 @@ def fhir_response(
     status: int, content: Any, fmt: Format, headers: dict[str, str] | None = None
 ) -> Response:
     """A FHIR JSON response from bytes (served as they are) or a JSON-able object."""
-    if isinstance(content, bytes):
-        body = (
-            orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
-            if fmt.pretty
-            else content
-        )
-    elif content is None:
+    if content is None:
         body = b""
     else:
-        option = orjson.OPT_INDENT_2 if fmt.pretty else 0
-        if fmt.pretty:  # Fragments are not indented; expand them first
-            content = orjson.loads(orjson.dumps(content))
-        body = orjson.dumps(content, option=option)
+        body = content if isinstance(content, bytes) else jsonio.dumps(content)
+        if fmt.pretty:  # re-parse: embedded Fragments are not indented otherwise
+            body = jsonio.dumps(jsonio.loads(body, trusted=True), pretty=True)
     media = f"{fmt.media_type}; charset=utf-8"
     return Response(body, status, headers=headers, media_type=media if body else None)

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
+from hie import jsonio
 from hie.access.principal import Principal
 from hie.fhir.errors import error, information
 from hie.fhir.search.dates import date_range, now, to_fhir_instant
@@ -203,7 +204,7 @@ def _param(params: Params, name: str) -> str | None:
 def _shaped(body: bytes, summary: str | None, elements: frozenset[str] | None) -> bytes:
     if summary is None and elements is None:
         return body
-    return orjson.dumps(shape(orjson.loads(body), summary, elements))
+    return jsonio.dumps(shape(jsonio.loads(body, trusted=True), summary, elements))
 
 
 def _fragment(body: bytes, summary: str | None, elements: frozenset[str] | None):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
+from hie import jsonio
 from hie.fhir.errors import FhirError, Issue, error
 from hie.fhir.types import model, served_types
 
@@ -33,8 +33,8 @@ def parse_json(body: bytes) -> Any:
     if not body:
         raise error(400, "invalid", "The request body is empty; a JSON resource is required")
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return jsonio.loads(body)
+    except (ValueError, RecursionError) as exc:  # orjson's and json's errors, bad UTF-8
         raise error(400, "invalid", f"Malformed JSON: {exc}") from None
 
 

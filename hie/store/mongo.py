@@ -25,8 +25,9 @@ write raises :class:`TransactionsUnavailable`; a single write still proceeds (it
 compare-and-set is atomic on its own; the history and outbox appends follow it without
 a transaction, so a crash in between can lose them).
 
-``Version.body`` is the stored resource re-serialised with orjson: identical to the
-written bytes when the caller produced them with ``orjson.dumps``.
+``Version.body`` is the stored resource re-serialised with :mod:`hie.jsonio`: identical
+to the written bytes when the caller produced them with ``jsonio.dumps``. FHIR
+decimals are stored as BSON ``Decimal128``, which keeps their precision (``1.00``).
 
 Sharding (scale-out on a sharded cluster): resource collections on ``{_id: "hashed"}``
 (reads and compare-and-set writes target one shard; searches scatter and merge on the
@@ -37,14 +38,16 @@ shard, and the unique ``(t, i, v)`` index is prefixed by the shard key); ``outbo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import orjson
+from bson.decimal128 import Decimal128
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure
 
+from hie import jsonio
 from hie.store.port import (
     Event,
     Page,
@@ -56,6 +59,9 @@ from hie.store.port import (
 )
 from hie.store.query import AnyOf, IdIn, Match, Not, Query, Term
 
+#: Parses stored JSON with FHIR decimals as BSON Decimal128 (precision intact);
+#: :func:`hie.jsonio.dumps` writes them back as the same text.
+_BSON_JSON = json.JSONDecoder(parse_float=Decimal128)
 _OUTBOX_SEQ = 0
 _NAMESPACE_EXISTS = 48
 _COLUMNS = {"system": "s", "text": "t", "low": "lo", "high": "hi"}
@@ -127,7 +133,7 @@ def _index_doc(write: Write) -> list[dict[str, str]]:
 
 
 def _version(type_: str, id_: str, doc: dict[str, Any]) -> Version:
-    body = None if doc["r"] is None else orjson.dumps(doc["r"])
+    body = None if doc["r"] is None else jsonio.dumps(doc["r"])
     return Version(type_, id_, doc["v"], doc["lu"], doc["m"], body)
 
 
@@ -210,7 +216,7 @@ class MongoStore(Store):
             self._indexed.add(type_)
 
     async def _apply(self, writes: Sequence[Write], session: Any) -> None:
-        resources = [None if w.body is None else orjson.loads(w.body) for w in writes]
+        resources = [None if w.body is None else _BSON_JSON.decode(w.body.decode()) for w in writes]
         for w, resource in zip(writes, resources, strict=True):
             doc = {
                 "_id": w.id,

@@ -100,6 +100,20 @@ async def test_body_bytes_round_trip(store: Store):
     assert orjson.loads((await store.vread("Observation", "o1", 1)).body) == orjson.loads(w.body)
 
 
+async def test_decimal_text_round_trips(store: Store):
+    """FHIR decimals keep their written precision (bodies come from hie.jsonio)."""
+    data = (
+        b'{"resourceType":"Observation","id":"d1","meta":{"versionId":"1"},'
+        b'"valueQuantity":{"value":1.00},"component":[{"valueQuantity":'
+        b'{"value":-1.000000000000000000E+245}},{"valueQuantity":{"value":0.010}}]}'
+    )
+    w = Write("Observation", "d1", 0, 1, ts(1), "POST", data)
+    await store.commit([w])
+    assert (await store.read("Observation", "d1")).body == data
+    assert (await store.vread("Observation", "d1", 1)).body == data
+    assert (await store.history("Observation", "d1")).items[0].body == data
+
+
 async def test_create_over_existing_conflicts(store: Store):
     first = put("Patient", "p1", 1, ts(1), name="Ann")
     await store.commit([first])
