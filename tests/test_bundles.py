@@ -242,11 +242,6 @@ def test_delete_and_post_in_one_transaction(client):
     assert [e["resource"]["id"] for e in found["entry"]] == [id_of(created)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: transaction entries are planned against the state before the "
-    "transaction, so a conditional create does not see a DELETE processed before it",
-)
 def test_conditional_create_sees_a_delete_processed_before_it(client):
     old = create(client, patient("recreated"))
     r = post(
@@ -846,3 +841,18 @@ def test_bundle_over_the_body_limit_is_413(client):
     r = post(client, big)
     assert r.status_code == 413
     assert total(client, "Patient") == 0
+
+
+def test_unresolved_urn_uuid_reference_fails_the_transaction(client):
+    obs = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "x"},
+        "identifier": [{"system": SYS, "value": "dangling"}],
+        "subject": {"reference": "urn:uuid:0b2c6f0e-1111-4222-8333-944455556666"},
+    }
+    r = post(client, [entry("POST", "Observation", obs)])
+    assert r.status_code == 400
+    issue = r.json()["issue"][0]
+    assert "Bundle.entry[0]" in issue["diagnostics"] and "urn:uuid:0b2c" in issue["diagnostics"]
+    assert total(client, "Observation", value="dangling") == 0

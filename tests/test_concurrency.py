@@ -264,11 +264,6 @@ async def test_in_process(asgi: httpx.AsyncClient, scenario: str):
     await SCENARIOS[scenario](asgi)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a conditional create searches, then creates, with nothing to stop "
-    "a concurrent one doing the same in between, so racing creates all succeed",
-)
 async def test_concurrent_conditional_creates_create_one_resource(asgi: httpx.AsyncClient):
     system = f"urn:conditional-create:{uuid.uuid4()}"
     body = {"resourceType": "Patient", "identifier": [{"system": system, "value": "1"}]}
@@ -281,3 +276,47 @@ async def test_concurrent_conditional_creates_create_one_resource(asgi: httpx.As
     found = (await asgi.get("Patient", params={"identifier": f"{system}|1"})).json()
     assert found["total"] == 1
     assert Counter(r.status_code for r in responses) == {201: 1, 200: WORKERS - 1}
+
+
+async def test_concurrent_conditional_updates_create_one_resource(asgi: httpx.AsyncClient):
+    system = f"urn:conditional-update:{uuid.uuid4()}"
+    body = {"resourceType": "Patient", "identifier": [{"system": system, "value": "1"}]}
+    responses = await asyncio.gather(
+        *(
+            asgi.put("Patient", params={"identifier": f"{system}|1"}, json=body)
+            for _ in range(WORKERS)
+        )
+    )
+    found = (await asgi.get("Patient", params={"identifier": f"{system}|1"})).json()
+    assert found["total"] == 1
+    assert Counter(r.status_code for r in responses) == {201: 1, 200: WORKERS - 1}
+    version = found["entry"][0]["resource"]["meta"]["versionId"]
+    assert version == str(WORKERS)
+
+
+async def test_concurrent_conditional_transactions_create_one_resource(asgi: httpx.AsyncClient):
+    system = f"urn:conditional-tx:{uuid.uuid4()}"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:5b0c5c4e-0000-4000-8000-000000000001",
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": system, "value": "1"}],
+                },
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": f"identifier={system}|1",
+                },
+            }
+        ],
+    }
+    responses = await asyncio.gather(*(asgi.post("", json=bundle) for _ in range(WORKERS)))
+    assert {r.status_code for r in responses} == {200}
+    statuses = Counter(r.json()["entry"][0]["response"]["status"] for r in responses)
+    assert statuses == {"201 Created": 1, "200 OK": WORKERS - 1}
+    found = (await asgi.get("Patient", params={"identifier": f"{system}|1"})).json()
+    assert found["total"] == 1

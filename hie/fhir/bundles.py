@@ -14,6 +14,7 @@ Batch: each entry runs on its own; failures become that entry's response.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from hie.fhir.http import parse_etag
 from hie.fhir.interactions import (
     Answer,
     Call,
+    criteria,
     parse_url,
     perform,
     status_line,
@@ -31,9 +33,9 @@ from hie.fhir.interactions import (
     write_plan,
 )
 from hie.fhir.search.dates import now, to_fhir_instant
-from hie.fhir.service import FhirService, new_id
+from hie.fhir.service import RETRIES, FhirService, backoff, new_id
 from hie.fhir.validation import check_resource
-from hie.store import VersionConflict
+from hie.store import ConditionConflict, VersionConflict
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -131,10 +133,18 @@ async def process(
         raise error(
             400, "value", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type"
         )
-    entries = _parse_entries(bundle, base, prefer)
     if kind == "batch":
-        return await _batch(service, principal, entries, base)
-    return await _transaction(service, principal, entries, base)
+        return await _batch(service, principal, _parse_entries(bundle, base, prefer), base)
+    for attempt in range(RETRIES):
+        if attempt:
+            await backoff(attempt)
+        try:
+            return await _transaction(
+                service, principal, _parse_entries(bundle, base, prefer), base
+            )
+        except (ConditionConflict, VersionConflict):
+            continue  # lost a race to a concurrent write: plan again on the new state
+    raise error(409, "conflict", "The transaction kept losing races to concurrent writes; retry")
 
 
 async def _batch(
@@ -157,22 +167,12 @@ async def _batch(
 async def _transaction(
     service: FhirService, principal: Principal, entries: list[_Entry], base: str
 ) -> dict:
-    try:
-        return await _run_transaction(service, principal, entries, base)
-    except FhirError as exc:
-        raise exc
-    except VersionConflict as exc:
-        raise error(409, "conflict", f"Transaction failed on a concurrent change: {exc}") from None
-
-
-async def _run_transaction(
-    service: FhirService, principal: Principal, entries: list[_Entry], base: str
-) -> dict:
-    ids = await _resolve_identities(service, principal, entries)
+    deleted = await _deletions(service, principal, entries)
+    ids = await _resolve_identities(service, principal, entries, deleted)
     for entry in entries:
         if isinstance(entry.call.body, dict):
             entry.call.body = _rewrite(entry.call.body, ids)
-        await _resolve_conditional_references(service, principal, entry, ids)
+            await _resolve_references(service, principal, entry, deleted)
     ordered = sorted(entries, key=lambda e: (_ORDER[e.call.method], e.index))
     answers: dict[int, Answer] = {}
     writes, touched = [], {}
@@ -180,11 +180,12 @@ async def _run_transaction(
         call = entry.call
         if call.method in ("GET", "HEAD"):
             continue
+        exclude = deleted.get(call.type or "", ())
         reserved = ids.get(entry.full_url or "", "")
         if call.method == "POST" and reserved:
-            planner = _create_with_id(service, principal, entry, reserved.split("/", 1)[1])
+            planner = _create_with_id(service, principal, entry, reserved.split("/", 1)[1], exclude)
         else:
-            planner = write_plan(service, principal, call, entry.where)
+            planner = write_plan(service, principal, call, entry.where, exclude)
             if planner is None:
                 raise _at(
                     entry,
@@ -220,7 +221,7 @@ async def _run_transaction(
         if index is not None and entries[index].call.if_match is not None:
             # The entry's ifMatch no longer holds: 412, as for a lone If-Match write.
             raise _at(entries[index], error(412, "conflict", f"Version conflict: {exc}")) from None
-        raise error(409, "conflict", f"Transaction failed on a concurrent change: {exc}") from None
+        raise
     for entry in ordered:
         if entry.call.method in ("GET", "HEAD"):
             try:
@@ -234,15 +235,48 @@ async def _run_transaction(
     return response
 
 
-def _create_with_id(service: FhirService, principal: Principal, entry: _Entry, id_: str):
+async def _deletions(
+    service: FhirService, principal: Principal, entries: list[_Entry]
+) -> dict[str, set[str]]:
+    """The ids each DELETE entry removes, by type: DELETEs are processed first, so the
+    transaction's conditional creates, updates and references must not see them."""
+    deleted: dict[str, set[str]] = {}
+    for entry in entries:
+        call = entry.call
+        if call.method != "DELETE" or call.type is None or call.history or call.search:
+            continue
+        if call.id is not None:
+            deleted.setdefault(call.type, set()).add(call.id)
+            continue
+        try:
+            _, found = await service.match(principal, call.type, criteria(call.params))
+        except FhirError as exc:
+            raise _at(entry, exc) from None
+        if len(found) == 1:
+            deleted.setdefault(call.type, set()).add(found[0].id)
+    return deleted
+
+
+def _create_with_id(
+    service: FhirService, principal: Principal, entry: _Entry, id_: str, exclude: Collection[str]
+):
     call = entry.call
     return lambda: service.plan_create(
-        principal, call.type, call.body, call.if_none_exist, id_=id_, where=entry.where
+        principal,
+        call.type,
+        call.body,
+        call.if_none_exist,
+        id_=id_,
+        where=entry.where,
+        exclude=exclude,
     )
 
 
 async def _resolve_identities(
-    service: FhirService, principal: Principal, entries: list[_Entry]
+    service: FhirService,
+    principal: Principal,
+    entries: list[_Entry],
+    deleted: dict[str, set[str]],
 ) -> dict[str, str]:
     """Map each entry's fullUrl to the ``Type/id`` the resource will have."""
     ids: dict[str, str] = {}
@@ -255,7 +289,9 @@ async def _resolve_identities(
             if call.method == "POST":
                 if call.if_none_exist is not None:
                     check_resource(call.body, call.type, entry.where)
-                    found = await service.match(principal, call.type, call.if_none_exist)
+                    _, found = await service.match(
+                        principal, call.type, call.if_none_exist, deleted.get(call.type, ())
+                    )
                     if len(found) > 1:
                         raise error(
                             412, "duplicate", f"ifNoneExist matched several {call.type} resources"
@@ -265,7 +301,9 @@ async def _resolve_identities(
             elif call.method == "PUT" and call.id is not None:
                 target = call.id
             elif call.method == "PUT":
-                found = await service.match(principal, call.type, call.params)
+                _, found = await service.match(
+                    principal, call.type, criteria(call.params), deleted.get(call.type, ())
+                )
                 if len(found) > 1:
                     raise error(
                         412,
@@ -297,19 +335,31 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
     return node
 
 
-async def _resolve_conditional_references(
-    service: FhirService, principal: Principal, entry: _Entry, ids: dict[str, str]
+async def _resolve_references(
+    service: FhirService, principal: Principal, entry: _Entry, deleted: dict[str, set[str]]
 ) -> None:
-    """Replace ``{"reference": "Type?criteria"}`` with the one resource it matches."""
-    if not isinstance(entry.call.body, dict):
-        return
-    found: list[dict] = []
-    _collect_conditional(entry.call.body, found)
-    for ref in found:
-        type_, _, query = ref["reference"].partition("?")
-        criteria = parse_url("GET", f"{type_}?{query}").params
+    """Replace conditional references (``Patient?identifier=...``) with the one resource
+    they match; a ``urn:uuid:`` reference no entry resolves is an error."""
+    refs: list[dict] = []
+    _collect_references(entry.call.body, refs)
+    for ref in refs:
+        value = ref["reference"]
+        if value.startswith("urn:uuid:"):
+            raise _at(
+                entry,
+                error(
+                    400,
+                    "not-found",
+                    f"Reference {value!r} matches no entry's fullUrl in this transaction",
+                ),
+            )
+        head, sep, query = value.partition("?")
+        if not sep or "/" in head or ":" in head or head.startswith("#"):
+            continue
         try:
-            matches = await service.match(principal, type_, criteria)
+            _, matches = await service.match(
+                principal, head, parse_url("GET", value).params, deleted.get(head, ())
+            )
         except FhirError as exc:
             raise _at(entry, exc) from None
         if len(matches) != 1:
@@ -319,28 +369,23 @@ async def _resolve_conditional_references(
                 error(
                     412,
                     "not-found" if not matches else "multiple-matches",
-                    f"Conditional reference {ref['reference']!r} matched "
-                    f"{what} resources; it must match exactly one",
+                    f"Conditional reference {value!r} matched {what} resources; "
+                    "it must match exactly one",
                 ),
             )
-        ref["reference"] = f"{type_}/{matches[0].id}"
+        ref["reference"] = f"{head}/{matches[0].id}"
 
 
-def _collect_conditional(node: Any, out: list[dict]) -> None:
+def _collect_references(node: Any, out: list[dict]) -> None:
+    """Every object holding a string ``reference`` (a Reference), at any depth."""
     if isinstance(node, dict):
-        ref = node.get("reference")
-        if (
-            isinstance(ref, str)
-            and "?" in ref
-            and "/" not in ref.split("?", 1)[0]
-            and not ref.startswith(("http:", "https:", "urn:", "#"))
-        ):
+        if isinstance(node.get("reference"), str):
             out.append(node)
         for value in node.values():
-            _collect_conditional(value, out)
+            _collect_references(value, out)
     elif isinstance(node, list):
         for value in node:
-            _collect_conditional(value, out)
+            _collect_references(value, out)
 
 
 def _at(entry: _Entry, exc: FhirError) -> FhirError:

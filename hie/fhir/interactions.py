@@ -10,7 +10,7 @@ into an ``entry.response``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -88,12 +88,19 @@ def parse_url(method: str, url: str) -> Call:
 
 
 def write_plan(
-    service: FhirService, principal: Principal, call: Call, where: str = ""
+    service: FhirService,
+    principal: Principal,
+    call: Call,
+    where: str = "",
+    exclude: Collection[str] = (),
 ) -> Callable[[], Awaitable[Plan]] | None:
-    """The planner of a write interaction, or None when ``call`` only reads."""
+    """The planner of a write interaction, or None when ``call`` only reads.
+    ``exclude``: ids a condition must not match (deleted earlier in a transaction)."""
     m, t, i = call.method, call.type, call.id
     if m == "POST" and t and not i and not call.search and not call.history:
-        return lambda: service.plan_create(principal, t, call.body, call.if_none_exist, where=where)
+        return lambda: service.plan_create(
+            principal, t, call.body, call.if_none_exist, where=where, exclude=exclude
+        )
     if m not in ("PUT", "PATCH", "DELETE") or t is None or call.history or call.search:
         return None
     if call.vid is not None:
@@ -108,7 +115,7 @@ def write_plan(
 
     if i is not None:
         return lambda: on_id(i)
-    criteria = _criteria(call.params)
+    condition = criteria(call.params)
 
     async def on_none() -> Plan:
         if m == "PUT":  # spec: create, with the client's id if the body has one
@@ -135,10 +142,10 @@ def write_plan(
             call.body = {**call.body, "id": id_}
         return await on_id(id_)
 
-    return lambda: service.plan_conditional(principal, t, criteria, on_match, on_none)
+    return lambda: service.plan_conditional(principal, t, condition, on_match, on_none, exclude)
 
 
-def _criteria(params: Params) -> Params:
+def criteria(params: Params) -> Params:
     """The search criteria of a conditional URL (result parameters dropped)."""
     return [(k, v) for k, v in params if k not in ("_format", "_pretty")]
 

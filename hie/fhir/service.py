@@ -7,9 +7,11 @@ Every interaction first asks :func:`hie.access.decision.require`.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 
 import jsonpatch
 import jsonpointer
@@ -24,10 +26,18 @@ from hie.fhir.search.extract import index_rows
 from hie.fhir.search.params import SearchRequest, parse_search
 from hie.fhir.types import served_types
 from hie.fhir.validation import check_resource, valid_id
-from hie.store import Page, Store, Version, VersionConflict, Write
+from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
+from hie.store.query import IdIn, Not, Query
 
 #: Attempts of an unguarded write (no If-Match) that lost a race to a concurrent one.
-RETRIES = 8
+RETRIES = 25
+
+
+async def backoff(attempt: int) -> None:
+    """Wait before retry ``attempt`` (0-based): random, exponentially growing, capped
+    at 50 ms, so that writers racing for one resource spread out instead of colliding
+    again in lockstep."""
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,18 +128,25 @@ class FhirService:
         return await self.store.search(type_, req.query, count=req.count, offset=req.offset)
 
     async def match(
-        self, principal: Principal, type_: str, items: Sequence[tuple[str, str]]
-    ) -> list[Version]:
-        """Resources matching a conditional interaction's criteria (at most two are
-        fetched: the callers only distinguish none, one and many). Criteria are
-        parsed strictly: an unknown parameter must not silently match everything."""
+        self,
+        principal: Principal,
+        type_: str,
+        items: Sequence[tuple[str, str]],
+        exclude: Collection[str] = (),
+    ) -> tuple[Query, list[Version]]:
+        """The query of a conditional interaction's criteria and the resources it
+        matches (at most two are fetched: callers only distinguish none, one and many).
+        Criteria are parsed strictly: an unknown parameter must not silently match
+        everything. ``exclude``: ids that do not count (deleted earlier in the same
+        transaction)."""
         check_type(type_)
         require(principal, "s", type_)
         req = self.parse(type_, items, strict=True)
         if not req.query:
             raise error(400, "invalid", f"The condition on {type_} has no search criteria")
-        page = await self.store.search(type_, req.query, count=2)
-        return page.items
+        query = req.query + ((Not(IdIn(tuple(exclude))),) if exclude else ())
+        page = await self.store.search(type_, query, count=2)
+        return query, page.items
 
     async def history(
         self,
@@ -156,7 +173,13 @@ class FhirService:
 
     # ---------------------------------------------------------------- plans
     def new_write(
-        self, type_: str, id_: str, resource: dict | None, prev: Version | None, method: str
+        self,
+        type_: str,
+        id_: str,
+        resource: dict | None,
+        prev: Version | None,
+        method: str,
+        guard: Query = (),
     ) -> Write:
         """The write storing ``resource`` (None: a tombstone) as the next version."""
         version = (prev.version if prev else 0) + 1
@@ -171,7 +194,8 @@ class FhirService:
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
             index = index_rows(stored, instant)
-        return Write(type_, id_, prev.version if prev else 0, version, instant, method, body, index)
+        prev_version = prev.version if prev else 0
+        return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
 
     async def plan_create(
         self,
@@ -182,19 +206,22 @@ class FhirService:
         *,
         id_: str | None = None,
         where: str = "",
+        exclude: Collection[str] = (),
     ) -> Plan:
-        """Create (POST); ``if_none_exist`` makes it conditional. ``id_`` is the id
-        already reserved for it (transactions resolve ``urn:uuid:`` references first)."""
+        """Create (POST); ``if_none_exist`` makes it conditional, and the write then
+        carries the criteria as its guard. ``id_`` is the id already reserved for it
+        (transactions resolve ``urn:uuid:`` references first)."""
         check_type(type_)
         require(principal, "c", type_)
         check_resource(resource, type_, where)
+        guard: Query = ()
         if if_none_exist is not None:
-            found = await self.match(principal, type_, if_none_exist)
+            guard, found = await self.match(principal, type_, if_none_exist, exclude)
             if len(found) > 1:
                 raise error(412, "duplicate", f"If-None-Exist matched several {type_} resources")
             if found:
                 return None, Result(200, found[0], f"{type_}/{found[0].id} already exists")
-        write = self.new_write(type_, id_ or new_id(), resource, None, "POST")
+        write = self.new_write(type_, id_ or new_id(), resource, None, "POST", guard)
         return write, Result(201, version_of(write), f"Created {type_}/{write.id}")
 
     async def plan_update(
@@ -294,20 +321,26 @@ class FhirService:
         items: Sequence[tuple[str, str]],
         on_match: Callable[[str], Awaitable[Plan]],
         on_none: Callable[[], Awaitable[Plan]],
+        exclude: Collection[str] = (),
     ) -> Plan:
-        """Resolve a conditional update/patch/delete: none, one match, or 412."""
-        found = await self.match(principal, type_, items)
+        """Resolve a conditional update/patch/delete: none, one match, or 412. A write
+        planned for no match (a conditional update creating) carries the criteria as
+        its guard."""
+        query, found = await self.match(principal, type_, items, exclude)
         if len(found) > 1:
             raise error(412, "multiple-matches", f"The condition matched several {type_} resources")
         if found:
             return await on_match(found[0].id)
-        return await on_none()
+        write, result = await on_none()
+        return (None if write is None else replace(write, guard=query)), result
 
     # ---------------------------------------------------------------- commit
     async def run(self, plan: Callable[[], Awaitable[Plan]], guarded: bool) -> Result:
         """Plan and commit one write. A lost race retries (re-reading the state)
         unless the client guarded the write with If-Match, which then gets 412."""
-        for _ in range(RETRIES):
+        for attempt in range(RETRIES):
+            if attempt:
+                await backoff(attempt)
             write, result = await plan()
             if write is None:
                 return result
@@ -317,6 +350,8 @@ class FhirService:
             except VersionConflict as exc:
                 if guarded:
                     raise error(412, "conflict", f"Version conflict: {exc}") from None
+            except ConditionConflict:
+                pass  # a concurrent conditional create won: re-planning finds its resource
         raise error(409, "conflict", "The resource is being modified concurrently; retry")
 
 

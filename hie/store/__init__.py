@@ -1,6 +1,7 @@
 """Persistence behind one port: :class:`Store`, with SQLite and MongoDB adapters."""
 
 from hie.store.port import (
+    ConditionConflict,
     Event,
     Page,
     Store,
@@ -12,6 +13,7 @@ from hie.store.port import (
 )
 
 __all__ = [
+    "ConditionConflict",
     "Event",
     "Page",
     "Store",

@@ -19,11 +19,15 @@ Layout (database ``hie`` by default):
 A commit is one multi-document transaction (``session.with_transaction``, which starts
 it with ``start_transaction`` and retries transient write conflicts); each write is a
 compare-and-set on ``v``. The outbox counter is incremented inside the transaction, so
-concurrent commits serialise on it and ``seq`` order is commit order. Transactions need
+concurrent commits serialise on it and ``seq`` order is commit order; that is also what
+makes a write's ``guard`` (checked inside the transaction) safe against a concurrent
+conditional create: the later commit conflicts on the counter, and its retry sees the
+earlier one's resource. Transactions need
 a replica set or a sharded cluster: on a standalone server a commit of more than one
 write raises :class:`TransactionsUnavailable`; a single write still proceeds (its
 compare-and-set is atomic on its own; the history and outbox appends follow it without
-a transaction, so a crash in between can lose them).
+a transaction, so a crash in between can lose them, and its guard is checked but not
+atomically with it).
 
 ``Version.body`` is the stored resource re-serialised with :mod:`hie.jsonio`: identical
 to the written bytes when the caller produced them with ``jsonio.dumps``. FHIR
@@ -49,6 +53,7 @@ from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailur
 
 from hie import jsonio
 from hie.store.port import (
+    ConditionConflict,
     Event,
     Page,
     Store,
@@ -217,6 +222,12 @@ class MongoStore(Store):
 
     async def _apply(self, writes: Sequence[Write], session: Any) -> None:
         resources = [None if w.body is None else _BSON_JSON.decode(w.body.decode()) for w in writes]
+        for w in writes:
+            if w.guard:
+                written = [x.id for x in writes if x.type == w.type]
+                others = {"r": {"$ne": None}, "_id": {"$nin": written}} | to_filter(w.guard)
+                if await self._db[w.type].find_one(others, {"_id": 1}, session=session):
+                    raise ConditionConflict(w.type, w.id)
         for w, resource in zip(writes, resources, strict=True):
             doc = {
                 "_id": w.id,

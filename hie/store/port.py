@@ -64,6 +64,9 @@ class Write:
     method: Method
     body: bytes | None
     index: Sequence[IndexRow] = field(default_factory=tuple)
+    #: A conditional create's criteria: the commit fails with ConditionConflict if a
+    #: current resource of this type, other than those this commit writes, matches.
+    guard: Query = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,15 @@ class VersionConflict(StoreError):
         self.actual = actual
 
 
+class ConditionConflict(StoreError):
+    """A write's ``guard`` matched a resource (a concurrent conditional create won)."""
+
+    def __init__(self, type_: str, id_: str):
+        super().__init__(f"{type_}/{id_}: another {type_} now matches the condition")
+        self.type = type_
+        self.id = id_
+
+
 class TransactionsUnavailable(StoreError):
     """The backing database cannot run atomic multi-document transactions."""
 
@@ -127,7 +139,10 @@ class Store(ABC):
     async def commit(self, writes: Sequence[Write]) -> None:
         """Apply all writes atomically, each as compare-and-set on its
         ``prev_version``; on any mismatch raise :class:`VersionConflict` and apply
-        nothing. Each write also appends one outbox :class:`Event`. Writes to the same
+        nothing. A write with a ``guard`` is applied only if no current resource of its
+        type outside this commit matches the guard, else :class:`ConditionConflict`
+        (checked atomically with the writes, so concurrent conditional creates cannot
+        both succeed). Each write also appends one outbox :class:`Event`. Writes to the same
         resource within one commit are not allowed (the caller merges them)."""
 
     @abstractmethod

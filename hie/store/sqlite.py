@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hie.store.port import Event, Page, Store, Version, VersionConflict, Write
+from hie.store.port import (
+    ConditionConflict,
+    Event,
+    Page,
+    Store,
+    Version,
+    VersionConflict,
+    Write,
+)
 from hie.store.query import COLUMNS, AnyOf, IdIn, Match, Not, Query, Term
 
 SCHEMA = """
@@ -206,6 +214,9 @@ class SqliteStore(Store):
                 if actual != w.prev_version:
                     raise VersionConflict(w.type, w.id, w.prev_version, actual)
             for w in writes:
+                if w.guard:
+                    self._check_guard(conn, w, [x.id for x in writes if x.type == w.type])
+            for w in writes:
                 conn.execute(
                     "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.last_updated, w.method, w.body),
@@ -232,6 +243,18 @@ class SqliteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _check_guard(conn: sqlite3.Connection, w: Write, written: list[str]) -> None:
+        builder = _SqlBuilder()
+        terms = " AND ".join(builder.term(t) for t in w.guard)
+        found = conn.execute(
+            "SELECT 1 FROM resources r WHERE r.type = ? AND r.body IS NOT NULL"
+            f" AND r.id NOT IN ({', '.join('?' * len(written))}) AND {terms} LIMIT 1",
+            [w.type, *written, *builder.params],
+        ).fetchone()
+        if found:
+            raise ConditionConflict(w.type, w.id)
 
     async def history(
         self,

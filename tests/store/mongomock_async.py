@@ -204,9 +204,11 @@ class _Collection:
             self._log(undo, self._target(filter_, kwargs.get("upsert", False)))
             return self._sync.find_one_and_update(filter_, update, **kwargs)
 
-    async def find_one(self, filter_: dict, session: _Session | None = None) -> Any:
+    async def find_one(
+        self, filter_: dict, projection: dict | None = None, session: _Session | None = None
+    ) -> Any:
         async with self._client.access(session):
-            return self._sync.find_one(filter_)
+            return self._sync.find_one(filter_, projection)
 
     def find(self, filter_: dict, session: _Session | None = None) -> _Cursor:
         return _Cursor(self._client, session, lambda: self._sync.find(filter_))
