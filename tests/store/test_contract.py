@@ -8,7 +8,7 @@ import random
 import orjson
 import pytest
 
-from hie.store import Page, Store, Version, VersionConflict, Write
+from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
 from hie.store.query import (
     COLUMNS,
     AnyOf,
@@ -765,3 +765,46 @@ async def test_data_survives_close_and_reopen(make_store):
         assert [e.id for e in await store.events_after(events[-1].seq)] == ["p"]
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------- guards
+MRN = (Match("identifier", (Cond("system", "eq", "mrn"), Cond("text", "eq", "7"))),)
+
+
+def mrn_patient(id_: str, version: int, lu: str, guard: tuple = ()) -> Write:
+    w = put("Patient", id_, version, lu, index=(IndexRow("identifier", "mrn", "7"),))
+    return Write(
+        w.type, w.id, w.prev_version, w.version, w.last_updated, w.method, w.body, w.index, guard
+    )
+
+
+async def test_guard_blocks_a_second_conditional_create(store: Store):
+    await store.commit([mrn_patient("p1", 1, ts(1), MRN)])
+    with pytest.raises(ConditionConflict):
+        await store.commit([mrn_patient("p2", 1, ts(2), MRN), put("Patient", "other", 1, ts(2))])
+    assert await store.read("Patient", "p2") is None
+    assert await store.read("Patient", "other") is None  # the whole commit was refused
+    assert (await store.search("Patient", MRN)).total == 1
+
+
+async def test_guard_ignores_deleted_and_own_writes(store: Store):
+    await store.commit([mrn_patient("p1", 1, ts(1))])
+    # Deleting the match in the same commit frees the condition.
+    await store.commit([delete("Patient", "p1", 2, ts(2)), mrn_patient("p2", 1, ts(2), MRN)])
+    # A deleted resource does not match any more either.
+    await store.commit([delete("Patient", "p2", 2, ts(3))])
+    await store.commit([mrn_patient("p3", 1, ts(4), MRN)])
+    assert [v.id for v in (await store.search("Patient", MRN)).items] == ["p3"]
+
+
+async def test_concurrent_guarded_creates_one_wins(store: Store):
+    async def attempt(n: int) -> bool:
+        try:
+            await store.commit([mrn_patient(f"c{n}", 1, ts(1), MRN)])
+            return True
+        except ConditionConflict:
+            return False
+
+    results = await asyncio.gather(*(attempt(n) for n in range(20)))
+    assert sum(results) == 1
+    assert (await store.search("Patient", MRN)).total == 1
