@@ -123,3 +123,17 @@ def test_versionid_games_are_ignored(client):
     r = client.put(f"/fhir/Patient/{pid}", json=body)
     assert r.status_code == 200 and r.json()["meta"]["versionId"] == "2"
     assert client.get(f"/fhir/Patient/{pid}/_history/42").status_code == 404
+
+
+def test_unicode_and_huge_numbers_are_rejected_not_crashing(client):
+    pid = client.post("/fhir/Patient", json=PATIENT).json()["id"]
+    url = f"/fhir/Patient/{pid}"
+    assert client.get(f"{url}/_history/²").status_code == 404
+    assert client.get(f"{url}/_history/{'9' * 5000}").status_code == 404
+    outcome(client.get("/fhir/Patient", params={"_count": "²"}), 400)
+    outcome(client.get("/fhir/Patient", params={"_count": "9" * 5000}), 400)
+    outcome(client.get(f"{url}/_history", params={"_offset": "٣"}), 400)
+    outcome(
+        client.put(url, json={**PATIENT, "id": pid}, headers={"If-Match": 'W/"²"'.encode()}), 400
+    )
+    assert client.get(url).json()["meta"]["versionId"] == "1"

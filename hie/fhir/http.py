@@ -14,6 +14,7 @@ from starlette.responses import Response
 from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import to_http_date
+from hie.fhir.validation import small_int
 from hie.store import Version
 
 _INSTANT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -121,7 +122,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body; 413 beyond ``limit`` bytes (checked while streaming, so a
     lying or absent Content-Length cannot get past it)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise error(413, "too-costly", f"The body exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -140,9 +141,10 @@ def parse_etag(value: str | None, header: str) -> int | None:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip('"')
-    if not text.isdigit():
+    version = small_int(text)
+    if version is None:
         raise error(400, "invalid", f'{header} must be an ETag like W/"3", got {value!r}')
-    return int(text)
+    return version
 
 
 def not_modified(request: Request, version: Version) -> bool:

@@ -21,6 +21,7 @@ from hie import jsonio
 from hie.access.principal import Principal
 from hie.fhir.errors import error, information
 from hie.fhir.search.dates import date_range, now, to_fhir_instant
+from hie.fhir.search.params import non_negative
 from hie.fhir.service import FhirService, Plan, Result
 from hie.fhir.shaping import check_summary, parse_elements, shape
 from hie.store import Page, Version
@@ -263,11 +264,7 @@ def _history_entry(v: Version, base: str, summary, elements) -> dict:
 
 def _int_param(params: Params, name: str, default: int) -> int:
     value = _param(params, name)
-    if value is None:
-        return default
-    if not value.isdigit():
-        raise error(400, "invalid", f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return default if value is None else non_negative(name, value)
 
 
 def _instant_param(params: Params, name: str, end: int) -> str | None:

@@ -25,7 +25,7 @@ from hie.fhir.search.dates import now, to_fhir_instant
 from hie.fhir.search.extract import index_rows
 from hie.fhir.search.params import SearchRequest, parse_search
 from hie.fhir.types import served_types
-from hie.fhir.validation import check_resource, valid_id
+from hie.fhir.validation import check_resource, small_int, valid_id
 from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
 from hie.store.query import IdIn, Not, Query
 
@@ -102,9 +102,10 @@ class FhirService:
         check_type(type_)
         require(principal, "r", type_)
         check_id(id_)
-        if not vid.isdigit():
+        number = small_int(vid)
+        if number is None:
             raise error(404, "not-found", f"{type_}/{id_} has no version {vid!r}")
-        found = await self.store.vread(type_, id_, int(vid))
+        found = await self.store.vread(type_, id_, number)
         if found is None:
             raise error(404, "not-found", f"{type_}/{id_} has no version {vid}")
         if found.deleted:

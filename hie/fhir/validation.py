@@ -19,8 +19,15 @@ from hie.fhir.errors import FhirError, Issue, error
 from hie.fhir.types import model, served_types
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_SMALL_INT_RE = re.compile(r"[0-9]{1,9}")
 MAX_ISSUES = 50
 _EXTENSION_LISTS = frozenset({"extension", "modifierExtension"})
+
+
+def small_int(text: str) -> int | None:
+    """The value of 1-9 ASCII digits (version numbers, counts), else None: Unicode digits
+    such as ``"²"`` pass ``str.isdigit`` but not ``int``."""
+    return int(text) if _SMALL_INT_RE.fullmatch(text) else None
 
 
 def valid_id(value: object) -> bool:

@@ -37,11 +37,6 @@ def to_http_date(instant: str) -> str:
 
     Built from the fixed store format by hand: ``strptime`` was a visible share of a
     read's CPU, and ``%a``/``%b`` would follow the process locale, which HTTP must not."""
-    if len(instant) != 27 or instant[4] != "-":  # not the fixed format (a year < 1000)
-        moment = datetime.strptime(instant, _FMT)
-        return f"{_DAYS[moment.weekday()]}, {moment.day:02d} {_MONTHS[moment.month - 1]} " + (
-            f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} GMT"
-        )
     day = datetime(int(instant[0:4]), int(instant[5:7]), int(instant[8:10]))
     return (
         f"{_DAYS[day.weekday()]}, {instant[8:10]} {_MONTHS[day.month - 1]} {instant[0:4]} "

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from hie.fhir.errors import error
 from hie.fhir.search.dates import date_range, fmt
 from hie.fhir.types import model
+from hie.fhir.validation import small_int
 from hie.store.query import AnyOf, Cond, IdIn, Match, Not, Query, Term
 
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -80,9 +81,9 @@ def parse_search(
         name, _, modifier = key.partition(":")
         if name in RESULT_PARAMS:
             if name == "_count":
-                req.count = min(_non_negative(key, value), max_count)
+                req.count = min(non_negative(key, value), max_count)
             elif name == "_offset":
-                req.offset = _non_negative(key, value)
+                req.offset = non_negative(key, value)
             req.used.append((key, value))
             continue
         param = known.get(name)
@@ -99,10 +100,12 @@ def parse_search(
     return req
 
 
-def _non_negative(key: str, value: str) -> int:
-    if not value.isdigit():
+def non_negative(key: str, value: str) -> int:
+    """A paging parameter's value; 400 unless 1-9 ASCII digits."""
+    number = small_int(value)
+    if number is None:
         raise error(400, "invalid", f"{key} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return number
 
 
 def _split(value: str, sep: str, maxsplit: int = -1) -> list[str]:
