@@ -137,3 +137,10 @@ def test_unicode_and_huge_numbers_are_rejected_not_crashing(client):
         client.put(url, json={**PATIENT, "id": pid}, headers={"If-Match": 'W/"²"'.encode()}), 400
     )
     assert client.get(url).json()["meta"]["versionId"] == "1"
+
+
+def test_contained_resource_of_unknown_type(client):
+    body = {"resourceType": "Patient", "contained": [{"resourceType": "Foo", "id": "x"}]}
+    outcome(client.post("/fhir/Patient", json=body), 422)
+    outcome(client.get("/fhir/Foo", params={"identifier": "x"}), 404)
+    assert total(client) == 0

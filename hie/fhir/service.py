@@ -114,6 +114,7 @@ class FhirService:
 
     def parse(self, type_: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchRequest:
         """Parse search parameters with this server's paging limits."""
+        check_type(type_)
         return parse_search(
             type_,
             items,

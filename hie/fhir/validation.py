@@ -85,6 +85,14 @@ def structural_issues(resource: dict, type_: str, root: str) -> list[Issue]:
         return []
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # The models raise these for some shapes, e.g. a contained resource of an
+        # unknown type ('R4.FooType'); still the client's fault, never a 500.
+        return [
+            Issue(
+                "structure", f"The content cannot be read as {type_}: {exc!r}", expression=(root,)
+            )
+        ]
     errors = [e for e in errors if not _model_false_positive(e, resource)]
     if not errors:
         return []
