@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from hie.config import Settings
 from hie.fhir.errors import FhirError, Issue, outcome
 from hie.fhir.http import Format, fhir_response
 from hie.fhir.routes import router
+from hie.fhir.search.registry import Registry
 from hie.fhir.service import FhirService
 from hie.store import Store
 
@@ -41,18 +43,23 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or Settings.from_env()
     store = store or open_store(settings)
 
+    service = FhirService(store, settings, Registry())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await store.open()
+        await service.load_custom_parameters()
+        task = asyncio.create_task(service.refresh_index())
         try:
             yield
         finally:
+            task.cancel()
             await store.close()
 
     app = FastAPI(title="HIE", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.store = store
-    app.state.service = FhirService(store, settings)
+    app.state.service = service
     app.state.tokens = TokenAuthority(load_or_create_key(settings.key_file))
     # The FHIR routes go straight onto the app's router. With include_router, FastAPI
     # matches every request through its lazy _IncludedRouter (twice, with context-var

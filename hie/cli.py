@@ -1,4 +1,4 @@
-"""The ``hie`` command line: ``serve`` and ``token``."""
+"""The ``hie`` command line: ``serve``, ``token`` and ``reindex``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,39 @@ def token(
     settings = Settings.from_env(data_dir=data_dir)
     authority = TokenAuthority(load_or_create_key(settings.key_file))
     typer.echo(authority.mint(client_id, scope, ttl or settings.token_ttl_seconds))
+
+
+@app.command()
+def reindex(
+    resource_type: str = typer.Argument(None, help="Only this resource type."),
+    data_dir: Path = typer.Option(None, help="Data directory of the embedded store."),
+) -> None:
+    """Rebuild the search index (after adding or changing a SearchParameter).
+
+    Uses the store the settings select (HIE_MONGODB_URI or the embedded one); a
+    running server may keep serving meanwhile."""
+    import asyncio
+
+    from hie.access.principal import LOCAL_DEVELOPER
+    from hie.app import open_store
+    from hie.fhir.search.registry import Registry
+    from hie.fhir.service import FhirService
+
+    settings = Settings.from_env(data_dir=data_dir)
+
+    async def run() -> int:
+        store = open_store(settings)
+        await store.open()
+        try:
+            service = FhirService(store, settings, Registry())
+            return await service.reindex(LOCAL_DEVELOPER, resource_type)
+        finally:
+            await store.close()
+
+    done, skipped = asyncio.run(run())
+    for reason in skipped:
+        typer.echo(f"skipped {reason}", err=True)
+    typer.echo(f"reindexed {done} resources")
 
 
 if __name__ == "__main__":

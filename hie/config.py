@@ -31,6 +31,8 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     default_count: int = 50
     max_count: int = 1000
+    search_max_results: int = 10_000
+    search_snapshot_ttl: int = 3600
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -59,6 +61,10 @@ class Settings:
             values["default_count"] = int(env["HIE_DEFAULT_COUNT"])
         if "HIE_MAX_COUNT" in env:
             values["max_count"] = int(env["HIE_MAX_COUNT"])
+        if "HIE_SEARCH_MAX_RESULTS" in env:
+            values["search_max_results"] = int(env["HIE_SEARCH_MAX_RESULTS"])
+        if "HIE_SEARCH_SNAPSHOT_TTL" in env:
+            values["search_snapshot_ttl"] = int(env["HIE_SEARCH_SNAPSHOT_TTL"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -44,13 +44,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
-import math
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,11 +60,28 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+from bench_common import (  # the scripts' shared helpers, next to this file
+    CATEGORY_SYSTEM,
+    FHIR_JSON,
+    HOST,
+    LOINC,
+    Server,
+    clean_env,
+    fmt_ms,
+    fmt_num,
+    free_port,
+    hie_executable,
+    log,
+    machine_busy_seconds,
+    machine_info,
+    parse_size,
+    percentile,
+    run_async,
+    tree_cpu_seconds,
+)
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-HOST = "127.0.0.1"
-FHIR_JSON = "application/fhir+json"
 MEDIA = f"{FHIR_JSON}; charset=utf-8"
 BARE_ENV = "HIE_BENCH_BARE_SPEC"
 OPS = ("read", "update", "create", "bundle")
@@ -76,15 +90,6 @@ EXPECTED_STATUS = {"read": 200, "update": 200, "create": 201, "bundle": 200}
 PHASE_TIMEOUT = 600.0  # hard stop for --ops phases
 PREFILL_CONCURRENCY = 4
 RAW_PREBUILD_CAP = 200_000  # most Writes pre-built for one raw-store phase
-
-try:  # httpcore imports sniffio on every request; a missing module is searched for
-    import sniffio  # noqa: F401  # on sys.path each time (~3 ms of client CPU per request)
-except ImportError:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]  # fail fast: httpcore -> asyncio
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -138,36 +143,6 @@ CITIES = [
     ("Turin", "IT"),
     ("Utrecht", "NL"),
 ]
-# (LOINC code, display, UCUM unit, mean, sd, decimals, category)
-LOINC = [
-    ("8867-4", "Heart rate", "/min", 74, 12, 0, "vital-signs"),
-    ("8480-6", "Systolic blood pressure", "mm[Hg]", 124, 15, 0, "vital-signs"),
-    ("8462-4", "Diastolic blood pressure", "mm[Hg]", 79, 10, 0, "vital-signs"),
-    ("8310-5", "Body temperature", "Cel", 36.8, 0.4, 1, "vital-signs"),
-    ("29463-7", "Body weight", "kg", 76, 16, 1, "vital-signs"),
-    ("8302-2", "Body height", "cm", 171, 10, 1, "vital-signs"),
-    (
-        "59408-5",
-        "Oxygen saturation in Arterial blood by Pulse oximetry",
-        "%",
-        97,
-        1.5,
-        0,
-        "vital-signs",
-    ),
-    ("2339-0", "Glucose [Mass/volume] in Blood", "mg/dL", 98, 18, 0, "laboratory"),
-    ("718-7", "Hemoglobin [Mass/volume] in Blood", "g/dL", 14, 1.4, 1, "laboratory"),
-    (
-        "2160-0",
-        "Creatinine [Mass/volume] in Serum or Plasma",
-        "mg/dL",
-        0.95,
-        0.2,
-        2,
-        "laboratory",
-    ),
-]
-CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 
 class Generator:
@@ -330,55 +305,6 @@ class PhaseResult:
     first_error: str | None = None
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU time all CPUs spent busy since boot (Linux /proc/stat), in seconds."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
-
-
-def tree_cpu_seconds(root: int) -> float | None:
-    """User+system CPU of ``root`` and its live descendants (Linux /proc)."""
-    procs: dict[int, tuple[int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return None
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(b")") + 2 :].split()
-        procs[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
-    if root not in procs:
-        return None
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += procs[pid][1]
-        todo.extend(p for p, (ppid, _) in procs.items() if ppid == pid)
-    return total / _CLK_TCK
-
-
 Op = Callable[[int, Any], Awaitable[bool | str]]
 
 
@@ -520,91 +446,6 @@ async def _measure_once(
 
 
 # --------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def hie_executable() -> list[str]:
-    script = Path(sys.executable).with_name("hie")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("hie")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from hie.cli import app; app()"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any HIE_* settings of the caller, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
-    env.update(extra)
-    return env
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the benchmark process dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Server:
-    """A server subprocess on 127.0.0.1, stopped (and if need be killed) on exit."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log_path: Path):
-        self.name, self.argv, self.env, self.port, self.log_path = name, argv, env, port, log_path
-        self.proc: subprocess.Popen | None = None
-        self.url = f"http://{HOST}:{port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: Ctrl-C reaches only the bench
-            preexec_fn=_die_with_parent,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5) as s:
-                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-                    if s.recv(64).startswith(b"HTTP/1.1 200"):
-                        log(f"{self.name} ready on {self.url} (pid {self.proc.pid})")
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become ready in {timeout}s:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # our own session only
-                proc.wait(timeout=5)
-        if getattr(self, "_log", None):
-            self._log.close()
-            self._log = None
 
 
 # --------------------------------------------------------------------------- bare app
@@ -664,73 +505,6 @@ def serve_bare(port: int, workers: int) -> None:
 
 
 # --------------------------------------------------------------------------- benchmark
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = None
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-                break
-    import fastapi
-    import httpx
-    import starlette
-    import uvicorn
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "ram_gib": mem,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "fastapi": fastapi.__version__,
-        "starlette": starlette.__version__,
-        "uvicorn": uvicorn.__version__,
-        "httpx": httpx.__version__,
-        "orjson": orjson.__version__,
-        "sqlite": __import__("sqlite3").sqlite_version,
-        "event_loop": _loop_name(),
-        "hie_revision": _revision(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def _revision() -> str:
-    """The git commit of the hie package the servers import (``+dirty`` if modified)."""
-    import hie
-
-    root = Path(hie.__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "hie"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"unknown ({root})"
-    return rev + ("+dirty" if dirty else "")
-
-
-def _loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 def cycle_shuffled(items: list, rng: random.Random) -> Iterator:
@@ -1090,16 +864,6 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- report
-def _num(x: float | None, digits: int = 0) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:,.{digits}f}"
-
-
-def _ms(x: float) -> str:
-    if math.isnan(x):
-        return "n/a"
-    return f"{x:.3f}" if x < 1 else f"{x:.1f}" if x >= 100 else f"{x:.2f}"
 
 
 def report(bench: Bench, info: dict, argv: list[str]) -> str:
@@ -1198,16 +962,16 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
 def _rate(x: PhaseResult | None, op: str) -> str:
     if x is None:
         return "n/a"
-    s = _num(x.ops_per_s, 0 if x.ops_per_s >= 100 else 1)
+    s = fmt_num(x.ops_per_s, 0 if x.ops_per_s >= 100 else 1)
     if op == "bundle":
-        s += f" ({_num(x.resources_per_s)} res/s)"
+        s += f" ({fmt_num(x.resources_per_s)} res/s)"
     if x.errors:
         s += f" **{x.errors} errors**"
     return s
 
 
 def _lat(x: PhaseResult | None) -> str:
-    return "n/a" if x is None else f"{_ms(x.p50_ms)} / {_ms(x.p95_ms)}"
+    return "n/a" if x is None else f"{fmt_ms(x.p50_ms)} / {fmt_ms(x.p95_ms)}"
 
 
 def _ratio(h: PhaseResult, x: PhaseResult | None) -> str:
@@ -1223,25 +987,14 @@ def _cpu_ratio(h: PhaseResult, b: PhaseResult | None) -> str:
 
 
 def _cpu(x: PhaseResult | None) -> str:
-    return "n/a" if x is None else _num(x.server_cpu_ms_per_op, 2)
+    return "n/a" if x is None else fmt_num(x.server_cpu_ms_per_op, 2)
 
 
 def _pct(x: PhaseResult | None) -> str:
-    return "n/a" if x is None else _num(x.client_cpu_pct)
+    return "n/a" if x is None else fmt_num(x.client_cpu_pct)
 
 
 # --------------------------------------------------------------------------- main
-def parse_size(text: str) -> int:
-    text = text.strip().lower().replace("_", "")
-    mult = 1
-    if text.endswith("k"):
-        mult, text = 1_000, text[:-1]
-    elif text.endswith("m"):
-        mult, text = 1_000_000, text[:-1]
-    value = int(float(text) * mult)
-    if value < 2:
-        raise argparse.ArgumentTypeError("sizes must be at least 2")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1312,8 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hie-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
-            runner = _runner()
-            runner(bench.run())
+            run_async(bench.run())
         except BaseException:
             for server in (bench.hie, bench.bare):
                 if server is not None and server.proc is not None:
@@ -1338,14 +1090,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
         log(f"wrote {args.json}")
     return 0
-
-
-def _runner() -> Callable[[Awaitable[Any]], Any]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
 
 
 if __name__ == "__main__":

@@ -123,9 +123,27 @@ def test_capability_statement_is_truthful(anon):
         "create",
         "search-type",
     }
-    assert {p["name"] for p in patient["searchParam"]} == {"_id", "_lastUpdated", "identifier"}
-    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch", "history-system"}
+    declared = {p["name"] for p in patient["searchParam"]}
+    assert {"_id", "_lastUpdated", "identifier", "name", "phonetic", "birthdate"} <= declared
+    assert {i["code"] for i in rest["interaction"]} == {
+        "transaction",
+        "batch",
+        "history-system",
+        "search-system",
+    }
     assert "security" in rest
-    # What it claims works: every declared search parameter is accepted on Patient.
-    for param in patient["searchParam"]:
-        assert param["type"] in ("token", "date")
+
+
+def test_capability_statement_claims_only_what_works(client):
+    """Every declared search parameter of a few types is accepted in strict mode."""
+    rest = client.get("/fhir/metadata").json()["rest"][0]
+    strict = {"Prefer": "handling=strict"}
+    for type_ in ("Patient", "Observation", "Encounter"):
+        resource = next(res for res in rest["resource"] if res["type"] == type_)
+        for param in resource["searchParam"]:
+            name = param["name"]
+            r = client.get(f"/fhir/{type_}", params={f"{name}:missing": "true"}, headers=strict)
+            assert r.status_code == 200, (type_, name, r.text)
+        for include in resource["searchInclude"]:
+            r = client.get(f"/fhir/{type_}", params={"_include": include}, headers=strict)
+            assert r.status_code == 200, (type_, include, r.text)

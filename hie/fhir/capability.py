@@ -4,9 +4,15 @@ parameters and the formats negotiated in :mod:`hie.fhir.http`."""
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
+
+import orjson
+
 from hie import __version__
 from hie.fhir.search.dates import now, to_fhir_instant
-from hie.fhir.search.params import params_for
+from hie.fhir.search.params import MODIFIERS
+from hie.fhir.search.registry import ParamDef, Registry
 from hie.fhir.types import served_types
 
 TYPE_INTERACTIONS = (
@@ -20,14 +26,68 @@ TYPE_INTERACTIONS = (
     "create",
     "search-type",
 )
-SYSTEM_INTERACTIONS = ("transaction", "batch", "history-system")
+SYSTEM_INTERACTIONS = ("transaction", "batch", "history-system", "search-system")
+#: Search result parameters every type supports.
+RESULT_PARAMS_DOC = (
+    "Result parameters: _count, _sort (any non-composite parameter, '-' for descending), "
+    "_total (none|estimate|accurate), _include and _revinclude (with :iterate and *), "
+    "_summary, _elements. Reverse chaining: _has:Type:reference:parameter. Chaining: "
+    "reference.parameter and reference:Type.parameter, up to 4 levels."
+)
 
 
-def capability_statement(base: str, auth: bool) -> dict:
-    """The server's CapabilityStatement for clients reaching it at ``base``."""
-    resources = []
-    for type_ in sorted(served_types()):
-        resources.append(
+@functools.cache
+def shipped_operations() -> tuple[dict, ...]:
+    """The OperationDefinitions of this server's operations (``conformance/``); the
+    CapabilityStatement names them by canonical URL."""
+    folder = resources.files("hie.conformance")
+    return tuple(
+        orjson.loads(path.read_bytes())
+        for path in sorted(folder.iterdir(), key=str)
+        if path.name.startswith("OperationDefinition-") and path.name.endswith(".json")
+    )
+
+
+def _search_param(param: ParamDef) -> dict:
+    modifiers = MODIFIERS.get(param.type, ())
+    doc = param.description or param.code
+    if modifiers:
+        doc = f"{doc} Modifiers: {', '.join(':' + m for m in modifiers)}"
+        if param.type == "reference":
+            doc += ", :[type]"
+    out = {"name": param.code, "type": param.type, "documentation": doc}
+    if param.url:
+        out["definition"] = param.url
+    return out
+
+
+#: Per-type entries by registry fingerprint (they take ~100 ms to build).
+_ENTRIES: dict[str, list[dict]] = {}
+
+
+def _resource_entries(registry: Registry) -> list[dict]:
+    fingerprint = registry.fingerprint()
+    found = _ENTRIES.get(fingerprint)
+    if found is None:
+        if len(_ENTRIES) > 8:
+            _ENTRIES.clear()
+        found = _ENTRIES[fingerprint] = _build_entries(registry)
+    return found
+
+
+def _build_entries(registry: Registry) -> list[dict]:
+    entries = []
+    served = served_types()
+    for type_ in sorted(served):
+        params = {c: p for c, p in registry.params(type_).items() if p.type != "special"}
+        references = [c for c, p in params.items() if p.type == "reference"]
+        revincludes = sorted(
+            f"{other}:{c}"
+            for other in served
+            for c, p in registry.params(other).items()
+            if p.type == "reference" and (not p.targets or type_ in p.targets)
+        )
+        entries.append(
             {
                 "type": type_,
                 "profile": f"http://hl7.org/fhir/StructureDefinition/{type_}",
@@ -40,16 +100,30 @@ def capability_statement(base: str, auth: bool) -> dict:
                 "conditionalUpdate": True,
                 "conditionalDelete": "single",
                 "referencePolicy": ["literal", "logical"],
-                "searchParam": [
-                    {"name": p.name, "type": p.type, "documentation": p.documentation}
-                    for p in params_for(type_).values()
-                ],
+                "searchInclude": ["*", *(f"{type_}:{c}" for c in sorted(references))],
+                "searchRevInclude": ["*", *revincludes],
+                "searchParam": [_search_param(p) for _, p in sorted(params.items())],
             }
         )
+    return entries
+
+
+def capability_statement(base: str, auth: bool, registry: Registry) -> dict:
+    """The server's CapabilityStatement for clients reaching it at ``base``."""
     rest: dict = {
         "mode": "server",
-        "resource": resources,
+        "documentation": RESULT_PARAMS_DOC,
+        "resource": _resource_entries(registry),
         "interaction": [{"code": code} for code in SYSTEM_INTERACTIONS],
+        "searchParam": [
+            _search_param(p)
+            for c, p in sorted(registry.params("Patient").items())
+            if c.startswith("_")
+        ],
+        "operation": [
+            {"name": op["code"], "definition": op["url"], "documentation": op["description"]}
+            for op in shipped_operations()
+        ],
     }
     if auth:
         rest["security"] = {

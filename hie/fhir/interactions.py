@@ -43,6 +43,8 @@ class Call:
     vid: str | None = None
     history: bool = False
     search: bool = False
+    #: Compartment search ``Patient/123/Observation``: (compartment type, id).
+    compartment: tuple[str, str] | None = None
     params: Params = field(default_factory=list)
     body: Any = None
     if_match: int | None = None
@@ -69,6 +71,11 @@ def parse_url(method: str, url: str) -> Call:
     if segments[:1] == ["_history"] and len(segments) == 1:
         call.history = True
         return call
+    if not segments and method.upper() == "GET" and call.params:
+        return call  # system-level search
+    if segments == ["_search"]:
+        call.search = True
+        return call
     if not segments or len(segments) > 4:
         raise error(400, "invalid", f"Not a FHIR interaction URL: {url!r}")
     call.type = segments[0]
@@ -81,6 +88,9 @@ def parse_url(method: str, url: str) -> Call:
         call.id = rest[0]
     elif len(rest) == 2 and rest[1] == "_history":
         call.id, call.history = rest[0], True
+    elif len(rest) == 2 and not rest[1].startswith(("_", "$")):
+        call.compartment = (segments[0], rest[0])
+        call.type = rest[1]
     elif len(rest) == 3 and rest[1] == "_history":
         call.id, call.vid = rest[0], rest[2]
     elif rest:
@@ -182,24 +192,93 @@ async def perform(service: FhirService, principal: Principal, call: Call, base: 
     if call.id is not None:
         found = await service.read(principal, call.type, call.id)
         return Answer(200, _shaped(found.body, summary, elements), found)
-    if call.type is None:
-        raise error(400, "invalid", "A resource type is required")
-    strict = call.prefer.get("handling") == "strict"
-    req = service.parse(call.type, call.params, strict=strict)
-    if summary == "count":
-        req.count = 0
-    page = await service.search(principal, call.type, req)
-    path = f"{base}/{call.type}"
-    bundle = _bundle("searchset", page, path, req.used, req.count, req.offset)
+    return Answer(200, await _search(service, principal, call, base, summary, elements))
+
+
+async def _search(
+    service: FhirService,
+    principal: Principal,
+    call: Call,
+    base: str,
+    summary: str | None,
+    elements: frozenset[str] | None,
+) -> dict:
+    """A searchset Bundle: type, system, compartment search or a later page."""
+    key = _param(call.params, "_getpages")
+    if key is not None:
+        offset = _int_param(call.params, "_getpagesoffset", 0)
+        count = min(
+            _int_param(call.params, "_count", service.settings.default_count),
+            service.settings.max_count,
+        )
+        found, includes = await service.search_page(principal, key, offset, count, call.params)
+        used = [(k, v) for k, v in call.params if k in _CARRIED]
+        self_url = _page_url(base, key, offset, count, used)
+    else:
+        strict = call.prefer.get("handling") == "strict"
+        req = service.parse(
+            call.type, call.params, strict=strict, base=base, compartment=call.compartment
+        )
+        if summary == "count":
+            req.count = 0
+        found = await service.search(principal, call.type, req, call.compartment)
+        includes = req.includes
+        used = [(k, v) for k, v in req.used if k in _CARRIED]
+        path = "/".join(p for p in (base, *(call.compartment or ()), call.type) if p)
+        applied = [(k, v) for k, v in req.used if k not in ("_count", "_offset")]
+        if call.type is None and (types := _param(call.params, "_type")):
+            applied.insert(0, ("_type", types))
+        query = [*applied, ("_count", str(found.count))]
+        if found.offset:
+            query.append(("_offset", str(found.offset)))
+        self_url = f"{path}?{urlencode(query)}"
+    if includes and found.matches:
+        found.included = await service.include(principal, found.matches, includes)
+    bundle = _shell("searchset", found.total)
+    links = [{"relation": "self", "url": self_url}]
+    if found.snapshot and found.count:
+
+        def page(relation: str, off: int) -> dict:
+            return {
+                "relation": relation,
+                "url": _page_url(base, found.snapshot, off, found.count, used),
+            }
+
+        links.append(page("first", 0))
+        if found.offset > 0:
+            links.append(page("previous", max(found.offset - found.count, 0)))
+        if found.offset + found.count < found.length:
+            links.append(page("next", found.offset + found.count))
+    bundle["link"] = links
     bundle["entry"] = [
-        {
-            "fullUrl": f"{base}/{v.type}/{v.id}",
-            "resource": _fragment(v.body, summary, elements),
-            "search": {"mode": "match"},
-        }
-        for v in page.items
-    ]
-    return Answer(200, bundle)
+        _search_entry(v, base, "match", summary, elements) for v in found.matches
+    ] + [_search_entry(v, base, "include", summary, elements) for v in found.included]
+    return bundle
+
+
+#: Result parameters that later pages of a search keep applying.
+_CARRIED = (
+    "_include",
+    "_revinclude",
+    "_include:iterate",
+    "_revinclude:iterate",
+    "_summary",
+    "_elements",
+    "_total",
+)
+
+
+def _page_url(base: str, key: str, offset: int, count: int, carried: Params) -> str:
+    query = [("_getpages", key), ("_getpagesoffset", str(offset)), ("_count", str(count))]
+    return f"{base}?{urlencode(query + list(carried))}"
+
+
+def _search_entry(v: Version, base: str, mode: str, summary, elements) -> dict:
+    return {
+        "fullUrl": f"{base}/{v.type}/{v.id}",
+        "resource": _fragment(v.body, summary, elements),
+        "search": {"mode": mode},
+    }
 
 
 def _param(params: Params, name: str) -> str | None:
@@ -278,8 +357,21 @@ def _instant_param(params: Params, name: str, end: int) -> str | None:
         raise error(400, "invalid", f"{name} must be a FHIR instant, got {value!r}") from None
 
 
+def _shell(kind: str, total: int | None) -> dict:
+    """An empty Bundle of ``kind`` with ``total`` (left out when None)."""
+    bundle = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": to_fhir_instant(now())},
+        "type": kind,
+    }
+    if total is not None:
+        bundle["total"] = total
+    return bundle
+
+
 def _bundle(kind: str, page: Page, path: str, used: Params, count: int, offset: int) -> dict:
-    """A searchset/history Bundle shell with total and paging links."""
+    """A history Bundle shell with total and offset paging links."""
 
     def link(relation: str, off: int) -> dict:
         query = [*used_filtered, ("_count", str(count)), ("_offset", str(off))]
@@ -293,14 +385,7 @@ def _bundle(kind: str, page: Page, path: str, used: Params, count: int, offset: 
             links.append(link("previous", max(offset - count, 0)))
         if offset + count < page.total:
             links.append(link("next", offset + count))
-    return {
-        "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
-        "meta": {"lastUpdated": to_fhir_instant(now())},
-        "type": kind,
-        "total": page.total,
-        "link": links,
-    }
+    return {**_shell(kind, page.total), "link": links}
 
 
 def status_line(status: int) -> str:

@@ -29,7 +29,7 @@ from hie.fhir.http import (
     version_headers,
 )
 from hie.fhir.interactions import Answer, Call, perform
-from hie.fhir.service import FhirService
+from hie.fhir.service import FhirService, check_type
 from hie.fhir.validation import parse_json
 
 router = APIRouter(prefix="/fhir")
@@ -111,7 +111,9 @@ async def metadata(request: Request) -> Response:
     """The CapabilityStatement (public, as SMART requires)."""
     settings = request.app.state.settings
     return fhir_response(
-        200, capability_statement(base_url(request), settings.auth), negotiate(request)
+        200,
+        capability_statement(base_url(request), settings.auth, request.app.state.service.registry),
+        negotiate(request),
     )
 
 
@@ -126,6 +128,61 @@ async def batch_or_transaction(request: Request) -> Response:
     base = base_url(request)
     result = await bundles.process(_service(request), principal, bundle, base, preference)
     return fhir_response(200, result, fmt)
+
+
+@router.get("")
+@router.get("/")
+async def search_system(request: Request) -> Response:
+    """System-level search (``?_type=``) and the later pages of every search."""
+    return await _run(request, Call("GET", params=_params(request)))
+
+
+@router.post("/_search")
+async def search_system_post(request: Request) -> Response:
+    """System-level search with form-encoded parameters."""
+    return await _run(request, Call("POST", search=True, params=await _form(request)))
+
+
+@router.post("/$reindex")
+async def reindex_all(request: Request) -> Response:
+    """Rebuild the search index of every type (after adding a SearchParameter)."""
+    return await _reindex(request, None)
+
+
+@router.post("/{type_}/$reindex")
+async def reindex_type(request: Request, type_: str) -> Response:
+    """Rebuild the search index of one type."""
+    return await _reindex(request, type_)
+
+
+async def _reindex(request: Request, type_: str | None) -> Response:
+    fmt = negotiate(request)
+    principal = authenticate(request)
+    if type_ is not None:
+        check_type(type_)
+    for key, _ in _params(request):
+        if key not in ("_format", "_pretty"):
+            raise error(400, "not-supported", f"Unknown parameter {key!r} for $reindex")
+    done, skipped = await _service(request).reindex(principal, type_)
+    result = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "type", "valueString": type_ or "*"},
+            {"name": "resources", "valueInteger": done},
+            *({"name": "skipped", "valueString": reason} for reason in skipped),
+        ],
+    }
+    return fhir_response(200, result, fmt)
+
+
+async def _form(request: Request) -> list[tuple[str, str]]:
+    check_content_type(request, {"application/x-www-form-urlencoded"})
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        raise error(400, "invalid", "The _search body is not form-encoded") from None
+    return _params(request) + form
 
 
 @router.get("/_history")
@@ -143,13 +200,7 @@ async def search(request: Request, type_: str) -> Response:
 @router.post("/{type_}/_search")
 async def search_post(request: Request, type_: str) -> Response:
     """Search (POST with form-encoded parameters, merged with the URL's)."""
-    check_content_type(request, {"application/x-www-form-urlencoded"})
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    try:
-        form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body))
-    except (UnicodeDecodeError, ValueError):
-        raise error(400, "invalid", "The _search body is not form-encoded") from None
-    call = Call("POST", type_, search=True, params=_params(request) + form)
+    call = Call("POST", type_, search=True, params=await _form(request))
     return await _run(request, call)
 
 
@@ -246,3 +297,12 @@ async def vread(request: Request, type_: str, id_: str, vid: str) -> Response:
     """Read a specific version."""
     call = Call("GET", type_, id_, vid=vid, params=_params(request))
     return await _run(request, call, read=True)
+
+
+@router.get("/{compartment}/{id_}/{type_}")
+async def search_compartment(request: Request, compartment: str, id_: str, type_: str) -> Response:
+    """Compartment search: ``Patient/123/Observation`` or ``Patient/123/*``."""
+    if type_.startswith(("$", "_")):
+        raise error(404, "not-found", f"No FHIR interaction at {request.url.path}")
+    call = Call("GET", type_, params=_params(request), compartment=(compartment, id_))
+    return await _run(request, call)

@@ -8,6 +8,7 @@ Every interaction first asks :func:`hie.access.decision.require`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -22,12 +23,17 @@ from hie.access.principal import Principal
 from hie.config import Settings
 from hie.fhir.errors import FhirError, error
 from hie.fhir.search.dates import now, to_fhir_instant
-from hie.fhir.search.extract import index_rows
-from hie.fhir.search.params import SearchRequest, parse_search
+from hie.fhir.search.engine import FINGERPRINT_KEY, Found, SearchEngine
+from hie.fhir.search.extract import index_rows, index_version
+from hie.fhir.search.params import Include, SearchRequest, parse_search
+from hie.fhir.search.registry import InvalidSearchParameter, Registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import check_resource, small_int, valid_id
 from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
-from hie.store.query import IdIn, Not, Query
+from hie.store.query import AnyOf, Cond, IdIn, Match, Not, Query
+
+log = logging.getLogger("hie")
+_FOREVER = "9999-12-31T00:00:00.000000Z"
 
 #: Attempts of an unguarded write (no If-Match) that lost a race to a concurrent one.
 RETRIES = 25
@@ -80,9 +86,16 @@ def new_id() -> str:
 class FhirService:
     """The REST interactions over a :class:`~hie.store.Store`."""
 
-    def __init__(self, store: Store, settings: Settings):
+    def __init__(self, store: Store, settings: Settings, registry: Registry):
         self.store = store
         self.settings = settings
+        self.registry = registry
+        self.engine = SearchEngine(
+            store,
+            registry,
+            max_results=settings.search_max_results,
+            ttl=settings.search_snapshot_ttl,
+        )
 
     # ---------------------------------------------------------------- reads
     async def read(self, principal: Principal, type_: str, id_: str) -> Version:
@@ -112,22 +125,185 @@ class FhirService:
             raise _gone(found)
         return found
 
-    def parse(self, type_: str, items: Sequence[tuple[str, str]], *, strict: bool) -> SearchRequest:
-        """Parse search parameters with this server's paging limits."""
-        check_type(type_)
+    def parse(
+        self,
+        type_: str | None,
+        items: Sequence[tuple[str, str]],
+        *,
+        strict: bool,
+        base: str | None = None,
+        compartment: tuple[str, str] | None = None,
+    ) -> SearchRequest:
+        """Parse search parameters with this server's paging limits. ``type_`` None
+        is a system-level search over ``_type`` (default: every served type)."""
+        if type_ is not None and not (type_ == "*" and compartment):
+            check_type(type_)
+        types = self.search_types(type_, items, compartment)
         return parse_search(
-            type_,
+            type_ if type_ != "*" else None,
             items,
             default_count=self.settings.default_count,
             max_count=self.settings.max_count,
             strict=strict,
+            registry=self.registry,
+            types=types,
+            base=base,
         )
 
-    async def search(self, principal: Principal, type_: str, req: SearchRequest) -> Page:
-        """Current resources of ``type_`` matching a parsed search."""
-        check_type(type_)
-        require(principal, "s", type_)
-        return await self.store.search(type_, req.query, count=req.count, offset=req.offset)
+    def search_types(
+        self,
+        type_: str | None,
+        items: Sequence[tuple[str, str]],
+        compartment: tuple[str, str] | None,
+    ) -> list[str]:
+        """The types a search covers: the one named, the ``_type`` list of a system
+        search, or a compartment's members for ``Patient/1/*``."""
+        if compartment is not None:
+            members = self._compartment(compartment)
+            if type_ != "*":
+                if type_ not in members:
+                    raise error(
+                        400, "invalid", f"{type_} is not in the {compartment[0]} compartment"
+                    )
+                return [type_]
+            return sorted(members)
+        if type_ is not None:
+            return [type_]
+        listed = [v for k, v in items if k == "_type"]
+        if not listed:
+            return sorted(served_types())
+        names = [t for value in listed for t in value.split(",")]
+        for name in names:
+            check_type(name)
+        return list(dict.fromkeys(names))
+
+    def _compartment(self, compartment: tuple[str, str]) -> dict[str, tuple[str, ...]]:
+        kind, id_ = compartment
+        members = self.registry.compartment(kind)
+        if not members:
+            raise error(404, "not-supported", f"There is no {kind} compartment")
+        check_id(id_)
+        return members
+
+    async def search(
+        self,
+        principal: Principal,
+        type_: str | None,
+        req: SearchRequest,
+        compartment: tuple[str, str] | None = None,
+    ) -> Found:
+        """The first page of a search (type, system or compartment level)."""
+        types = req.types
+        for t in types:
+            require(principal, "s", t)
+        if len(types) > 1 and any(k.param not in ("_id", "_lastUpdated") for k in req.sort):
+            raise error(
+                400, "invalid", "Searches over several types sort only by _id or _lastUpdated"
+            )
+        queries: dict[str, Query] = {}
+        for t in types:
+            query = req.query
+            if compartment is not None:
+                ref = f"{compartment[0]}/{compartment[1]}"
+                links = tuple(
+                    Match(p, (Cond("text", "eq", ref),))
+                    for p in self._compartment(compartment)[t]
+                    if p in self.registry.params(t)
+                )
+                if compartment[0] == t:
+                    links += (IdIn((compartment[1],)),)
+                if not links:
+                    continue
+                query = (AnyOf(links) if len(links) > 1 else links[0],) + query
+            queries[t] = query
+        found = await self.engine.search(queries, req)
+        if req.total == "none":
+            found.total = None
+        return found
+
+    async def search_page(
+        self,
+        principal: Principal,
+        key: str,
+        offset: int,
+        count: int,
+        items: Sequence[tuple[str, str]],
+    ) -> tuple[Found, list[Include]]:
+        """A later page of a search, with the includes its links carry."""
+        found = await self.engine.page(key, offset, count)
+        for t in {v.type for v in found.matches}:
+            require(principal, "s", t)
+        carried = [(k, v) for k, v in items if k.startswith(("_include", "_revinclude"))]
+        req = parse_search(
+            None,
+            carried,
+            default_count=count,
+            max_count=count,
+            strict=True,
+            registry=self.registry,
+            types=[],
+        )
+        if ("_total", "none") in items:
+            found.total = None
+        return found, req.includes
+
+    async def include(
+        self, principal: Principal, matches: list[Version], includes: Sequence[Include]
+    ) -> list[Version]:
+        """``_include``/``_revinclude`` results; types the caller may not read are
+        left out, as SMART scopes require."""
+        return await self.engine.includes(matches, includes, lambda t: principal.allows("r", t))
+
+    async def reindex(self, principal: Principal, type_: str | None) -> tuple[int, list[str]]:
+        """Load custom SearchParameters and rebuild the index of ``type_`` (or of every
+        type); returns how many resources were reindexed and the SearchParameters
+        skipped, with the reason."""
+        require(principal, "u", type_ or "*")
+        skipped = await self.load_custom_parameters()
+        types = [type_] if type_ else sorted(served_types())
+        done = await self.engine.reindex(types)
+        if type_ is None:
+            fingerprint = index_version(self.registry)
+            await self.store.save_snapshot(FINGERPRINT_KEY, [fingerprint], _FOREVER)
+        return done, skipped
+
+    async def refresh_index(self) -> int:
+        """Reindex everything when the index was built with other parameter
+        definitions (an upgrade, or a data directory from an older version). Runs in
+        the background at startup; returns how many resources it reindexed."""
+        fingerprint = index_version(self.registry)
+        stored = await self.store.load_snapshot(FINGERPRINT_KEY, 0, 1)
+        if stored is not None and stored[0] == [fingerprint]:
+            return 0
+        if stored is not None or await self._has_data():
+            log.warning("search definitions changed: reindexing all resources")
+        done = await self.engine.reindex(sorted(served_types()))
+        await self.store.save_snapshot(FINGERPRINT_KEY, [fingerprint], _FOREVER)
+        if done:
+            log.warning("reindexed %d resources", done)
+        return done
+
+    async def _has_data(self) -> bool:
+        return bool((await self.store.history(count=1)).items)
+
+    async def load_custom_parameters(self) -> list[str]:
+        """Register the active SearchParameter resources stored on this server;
+        returns why each one that cannot be served was skipped."""
+        skipped = []
+        after = None
+        while batch := await self.store.scan("SearchParameter", after=after, limit=500):
+            for v in batch:
+                resource = jsonio.loads(v.body, trusted=True)
+                if resource.get("status") != "active":
+                    continue
+                try:
+                    self.registry.add(resource)
+                except InvalidSearchParameter as exc:
+                    skipped.append(f"SearchParameter/{v.id}: {exc}")
+            after = batch[-1].id
+        for reason in skipped:
+            log.warning("search parameter not served: %s", reason)
+        return skipped
 
     async def match(
         self,
@@ -195,7 +371,7 @@ class FhirService:
             stored = {"resourceType": type_, "id": id_, "meta": meta}
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
-            index = index_rows(stored, instant)
+            index = index_rows(stored, instant, self.registry)
         prev_version = prev.version if prev else 0
         return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
 

@@ -4,17 +4,37 @@ Layout (database ``hie`` by default):
 
 * one collection per resource type (named after it, e.g. ``Patient``), one document per
   resource: ``{_id: id, v: version, lu: last_updated, m: method, r: resource | None,
-  idx: [{p, s, t, lo, hi}]}``. ``r`` is the FHIR JSON as a subdocument (``None`` for a
-  tombstone); ``idx`` holds the current version's index rows (param, system, text, low,
-  high; absent columns are omitted), covered by the multikey indexes ``(idx.p, idx.t,
-  idx.s)``, ``(idx.p, idx.lo)`` and ``(idx.p, idx.hi)``; ``(lu desc, _id)`` serves the
-  search order. Resource type names are capitalised, so they never collide with the
-  lower-case collections below.
+  idx: [{p, s, t, lo, hi, nl, nh, g}], sk: {param: {min, max}}}``. ``r`` is the FHIR
+  JSON as a subdocument (``None`` for a tombstone); ``idx`` holds the current version's
+  index rows (param, system, text, low, high, nlow, nhigh; absent columns are omitted),
+  a composite row's components as the nested array ``g`` in component order (queried
+  as ``g.0.t`` inside the ``$elemMatch``). Multikey indexes ``(idx.p, idx.t, idx.s)``,
+  ``(idx.p, idx.lo)``, ``(idx.p, idx.hi)``, ``(idx.p, idx.nl)``, ``(idx.p, idx.nh)``
+  and ``(idx.p, idx.g.0.t, idx.g.0.s)`` (a composite's first component) cover them;
+  ``(lu desc, _id)`` serves the default search order. Resource type names are
+  capitalised, so they never collide with the lower-case collections below.
+* ``sk`` holds each parameter's sort keys, precomputed on write: ``min`` of the rows'
+  ascending values and ``max`` of their descending ones (see :mod:`hie.store.query`).
+  The first time a type is sorted on a parameter, ``(sk.P.min, lu desc, _id)`` and
+  ``(sk.P.max desc, lu desc, _id)`` are created so that a sorted page is an index walk
+  (deployments that sort on many parameters should build these ahead of time: the first
+  build on a large collection takes a while). Resources without a value come after the
+  others: a second query for ``sk.P.min`` (or ``max``) absent.
 * ``history``: every version ever written, ``{t, i, v, lu, m, r, seq}``, where ``seq``
   is the outbox sequence number of the write and so orders commits.
 * ``outbox``: one event per write, ``{_id: seq, t, i, v, m}``.
 * ``counters``: ``{_id: name, n}`` for :meth:`MongoStore.next_value`; the outbox
   sequence is the document with the integer ``_id`` 0, which no counter name can take.
+* ``snapshots``: ``{_id: key, refs: [...], n, exp}``, removed by a TTL index on ``exp``
+  (MongoDB's TTL monitor runs about once a minute, so loading also checks ``exp``). One
+  document per snapshot: 16 MB holds some 300,000 references.
+
+Chains and ``_has`` are resolved before the query runs: the inner query first (ids of
+the chain's targets, or the ``Type/id`` references of the ``_has`` resources), then
+the outer query with ``$in`` over what it returned. The ``$in`` list is as long as the
+inner result, so a broad inner query (``subject:Patient.gender=female``) makes a large
+command (a million ids approach the 16 MB command limit) and a slow one; selective
+inner criteria are cheap.
 
 A commit is one multi-document transaction (``session.with_transaction``, which starts
 it with ``start_transaction`` and retries transient write conflicts); each write is a
@@ -34,14 +54,19 @@ to the written bytes when the caller produced them with ``jsonio.dumps``. FHIR
 decimals are stored as BSON ``Decimal128``, which keeps their precision (``1.00``).
 
 Sharding (scale-out on a sharded cluster): resource collections on ``{_id: "hashed"}``
-(reads and compare-and-set writes target one shard; searches scatter and merge on the
-``(lu, _id)`` order); ``history`` on ``{t: 1, i: 1}`` (instance history targets one
-shard, and the unique ``(t, i, v)`` index is prefixed by the shard key); ``outbox`` and
-``counters`` stay unsharded on the primary shard.
+(reads, ``read_many`` and compare-and-set writes target one shard each; searches,
+chain and ``_has`` inner queries scatter to every shard and mongos merges the sorted
+streams, each shard walking its own ``sk``/``lu`` index, so a page costs one index
+walk per shard); ``history`` on ``{t: 1, i: 1}`` (instance history targets one
+shard, and the unique ``(t, i, v)`` index is prefixed by the shard key); ``snapshots``
+on ``{_id: "hashed"}`` (a page load targets one shard; TTL deletion works per shard);
+``outbox`` and ``counters`` stay unsharded on the primary shard. ``scan`` walks ``_id``
+in order, which a hashed key scatters: reindexing reads every shard.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -62,19 +87,35 @@ from hie.store.port import (
     VersionConflict,
     Write,
 )
-from hie.store.query import AnyOf, IdIn, Match, Not, Query, Term
+from hie.store.query import (
+    NUMBER_COLUMNS,
+    AnyOf,
+    Chain,
+    Cond,
+    Has,
+    IdIn,
+    IndexRow,
+    Match,
+    Not,
+    Query,
+    Sort,
+    Term,
+)
 
 #: Parses stored JSON with FHIR decimals as BSON Decimal128 (precision intact);
 #: :func:`hie.jsonio.dumps` writes them back as the same text.
 _BSON_JSON = json.JSONDecoder(parse_float=Decimal128)
 _OUTBOX_SEQ = 0
 _NAMESPACE_EXISTS = 48
-_COLUMNS = {"system": "s", "text": "t", "low": "lo", "high": "hi"}
+_COLUMNS = {"system": "s", "text": "t", "low": "lo", "high": "hi", "nlow": "nl", "nhigh": "nh"}
 _OPS = {"eq": "$eq", "lt": "$lt", "le": "$lte", "gt": "$gt", "ge": "$gte"}
 _RESOURCE_INDEXES = [
     IndexModel([("idx.p", ASCENDING), ("idx.t", ASCENDING), ("idx.s", ASCENDING)]),
     IndexModel([("idx.p", ASCENDING), ("idx.lo", ASCENDING)]),
     IndexModel([("idx.p", ASCENDING), ("idx.hi", ASCENDING)]),
+    IndexModel([("idx.p", ASCENDING), ("idx.nl", ASCENDING)]),
+    IndexModel([("idx.p", ASCENDING), ("idx.nh", ASCENDING)]),
+    IndexModel([("idx.p", ASCENDING), ("idx.g.0.t", ASCENDING), ("idx.g.0.s", ASCENDING)]),
     IndexModel([("lu", DESCENDING), ("_id", ASCENDING)]),
 ]
 _HISTORY_INDEXES = [
@@ -82,8 +123,9 @@ _HISTORY_INDEXES = [
     IndexModel([("lu", DESCENDING), ("seq", DESCENDING)]),
     IndexModel([("t", ASCENDING), ("lu", DESCENDING), ("seq", DESCENDING)]),
 ]
-_SEARCH_ORDER = {"lu": -1, "_id": 1}
+_SNAPSHOT_INDEXES = [IndexModel([("exp", ASCENDING)], expireAfterSeconds=0)]
 _HISTORY_ORDER = {"lu": -1, "seq": -1}
+_LIVE = {"r": {"$ne": None}}
 
 
 class _Conflict(Exception):
@@ -94,7 +136,9 @@ class _Conflict(Exception):
 
 
 def to_filter(query: Query) -> dict[str, Any]:
-    """Translate a query (AND of terms) into a MongoDB filter on resource documents."""
+    """Translate a query (AND of terms) into a MongoDB filter on resource documents.
+
+    Chains and ``_has`` terms must have been resolved (:meth:`MongoStore.resolve`)."""
     return {"$and": [_term(t) for t in query]} if query else {}
 
 
@@ -107,34 +151,110 @@ def _term(term: Term) -> dict[str, Any]:
         return {"$or": [_term(t) for t in term.terms]} if term.terms else {"_id": {"$in": []}}
     if isinstance(term, Not):
         return {"$nor": [_term(term.term)]}
+    if isinstance(term, Chain | Has):
+        raise TypeError(f"resolve chains and _has before translating: {term!r}")
     raise TypeError(f"not a query term: {term!r}")
 
 
 def _match(term: Match) -> dict[str, Any]:
-    """The ``$elemMatch`` body; operators repeated on one column go to an ``$and``."""
+    """The ``$elemMatch`` body; operators repeated on one field go to an ``$and``."""
     cond: dict[str, Any] = {"p": term.param}
     repeated = []
     for c in term.conds:
-        if c.op == "null":
-            op, value = "$eq", None
-        elif c.op == "prefix":
-            op, value = "$regex", "^" + re.escape(c.value or "")
-        else:
-            op, value = _OPS[c.op], c.value
-        ops = cond.setdefault(_COLUMNS[c.column], {})
+        field = _COLUMNS[c.column] if c.part is None else f"g.{c.part}.{_COLUMNS[c.column]}"
+        if c.part is not None:
+            cond[f"g.{c.part}"] = {"$exists": True}
+        op, value = _operator(c)
+        ops = cond.setdefault(field, {})
         if op in ops:
-            repeated.append({_COLUMNS[c.column]: {op: value}})
+            repeated.append({field: {op: value}})
         else:
             ops[op] = value
     return {"$and": [cond, *repeated]} if repeated else cond
 
 
-def _index_doc(write: Write) -> list[dict[str, str]]:
+def _operator(c: Cond) -> tuple[str, Any]:
+    if c.column not in _COLUMNS:
+        raise ValueError(f"unknown index column {c.column!r}")
+    number = c.column in NUMBER_COLUMNS
+    if c.op == "null":
+        return "$eq", None
+    if c.op in ("prefix", "contains"):
+        if number:
+            raise ValueError(f"{c.op} needs a text column, not {c.column!r}")
+        return "$regex", ("^" if c.op == "prefix" else "") + re.escape(c.value)
+    if c.op == "in":
+        return "$in", [float(v) for v in c.value] if number else list(c.value)
+    value = float(c.value) if number else c.value
+    if c.op == "ne":  # a present value that differs: missing columns are not stored
+        return "$nin", [value, None]
+    if c.op not in _OPS:
+        raise ValueError(f"unknown operator {c.op!r}")
+    return _OPS[c.op], value
+
+
+def _columns(row: IndexRow) -> dict[str, Any]:
+    return {short: v for col, short in _COLUMNS.items() if (v := getattr(row, col)) is not None}
+
+
+def _index_doc(rows: Sequence[IndexRow]) -> list[dict[str, Any]]:
     return [
         {"p": row.param}
-        | {short: v for col, short in _COLUMNS.items() if (v := getattr(row, col)) is not None}
-        for row in write.index
+        | _columns(row)
+        | ({"g": [_columns(p) for p in row.parts]} if row.parts else {})
+        for row in rows
     ]
+
+
+def _bson_order(value: str | float) -> tuple[bool, str | float]:
+    """Sort key of a value as BSON orders it: numbers before strings."""
+    return isinstance(value, str), value
+
+
+def _sort_keys(rows: Sequence[IndexRow]) -> dict[str, dict[str, Any]]:
+    """``{param: {min, max}}``: the smallest ascending and largest descending value of
+    each parameter's rows (absent when no row has one)."""
+    keys: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = keys.setdefault(row.param, {})
+        low = next((v for v in (row.low, row.nlow, row.text) if v is not None), None)
+        high = next((v for v in (row.high, row.nhigh, row.text) if v is not None), None)
+        if low is not None and ("min" not in entry or _bson_order(low) < _bson_order(entry["min"])):
+            entry["min"] = low
+        if high is not None and (
+            "max" not in entry or _bson_order(high) > _bson_order(entry["max"])
+        ):
+            entry["max"] = high
+    return {param: entry for param, entry in keys.items() if entry}
+
+
+def _sort_field(key: Sort) -> str:
+    if key.param == "_id":
+        return "_id"
+    if key.param == "_lastUpdated":
+        return "lu"
+    return f"sk.{key.param}.{'max' if key.descending else 'min'}"
+
+
+def _order(sort: Sequence[Sort]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """``$addFields`` stages and the ``$sort`` spec for ``sort``, missing values last,
+    ties by ``lu`` descending then ``_id``."""
+    flags: dict[str, Any] = {}
+    spec: dict[str, int] = {}
+    for n, key in enumerate(sort):
+        field = _sort_field(key)
+        if field in spec:
+            continue
+        if field.startswith("sk."):
+            flags[f"_missing{n}"] = {"$eq": [{"$ifNull": [f"${field}", None]}, None]}
+            spec[f"_missing{n}"] = 1
+        spec[field] = -1 if key.descending else 1
+        if field == "_id":
+            break
+    else:
+        spec.setdefault("lu", -1)
+        spec["_id"] = 1
+    return ([{"$addFields": flags}] if flags else []), spec
 
 
 def _version(type_: str, id_: str, doc: dict[str, Any]) -> Version:
@@ -144,6 +264,13 @@ def _version(type_: str, id_: str, doc: dict[str, Any]) -> Version:
 
 def _history_version(doc: dict[str, Any]) -> Version:
     return _version(doc["t"], doc["i"], doc)
+
+
+def _utc(value: str | dt.datetime) -> dt.datetime:
+    """An instant as an aware UTC datetime (BSON dates come back naive, in UTC)."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class MongoStore(Store):
@@ -166,6 +293,7 @@ class MongoStore(Store):
         self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
         self._indexed = set()
         await self._db["history"].create_indexes(_HISTORY_INDEXES)
+        await self._db["snapshots"].create_indexes(_SNAPSHOT_INDEXES)
         try:  # up front: a cross-shard transaction cannot create a collection
             await self._db.create_collection("outbox")
         except CollectionInvalid:
@@ -215,27 +343,40 @@ class MongoStore(Store):
             actual = 0 if current is None else current.version
             raise VersionConflict(w.type, w.id, w.prev_version, actual) from None
 
-    async def _ensure_indexes(self, types: Iterable[str]) -> None:
-        for type_ in set(types) - self._indexed:
-            await self._db[type_].create_indexes(_RESOURCE_INDEXES)
-            self._indexed.add(type_)
+    async def _ensure_indexes(self, types: Iterable[str], sort: Sequence[Sort] = ()) -> None:
+        """Create each type's search indexes and those of ``sort``'s parameter keys."""
+        for type_ in set(types):
+            wanted = {type_: _RESOURCE_INDEXES}
+            for key in sort:
+                field = _sort_field(key)
+                if field.startswith("sk."):
+                    direction = DESCENDING if key.descending else ASCENDING
+                    order = [(field, direction), ("lu", DESCENDING), ("_id", ASCENDING)]
+                    wanted[f"{type_}:{field}"] = [IndexModel(order)]
+            for name, models in wanted.items():
+                if name not in self._indexed:
+                    await self._db[type_].create_indexes(models)
+                    self._indexed.add(name)
 
     async def _apply(self, writes: Sequence[Write], session: Any) -> None:
         resources = [None if w.body is None else _BSON_JSON.decode(w.body.decode()) for w in writes]
         for w in writes:
             if w.guard:
                 written = [x.id for x in writes if x.type == w.type]
-                others = {"r": {"$ne": None}, "_id": {"$nin": written}} | to_filter(w.guard)
+                guard = await self.resolve(w.type, w.guard, session)
+                others = _LIVE | {"_id": {"$nin": written}} | to_filter(guard)
                 if await self._db[w.type].find_one(others, {"_id": 1}, session=session):
                     raise ConditionConflict(w.type, w.id)
         for w, resource in zip(writes, resources, strict=True):
+            rows = w.index if resource is not None else ()
             doc = {
                 "_id": w.id,
                 "v": w.version,
                 "lu": w.last_updated,
                 "m": w.method,
                 "r": resource,
-                "idx": _index_doc(w),
+                "idx": _index_doc(rows),
+                "sk": _sort_keys(rows),
             }
             coll = self._db[w.type]
             if w.prev_version == 0:
@@ -272,6 +413,35 @@ class MongoStore(Store):
             session=session,
         )
 
+    async def resolve(self, type_: str, query: Query, session: Any = None) -> Query:
+        """``query`` with its chains and ``_has`` terms replaced by what the inner
+        queries found: a chain by a ``Match`` of its parameter's ``text`` ``in`` the
+        targets' references, a ``_has`` by an :class:`IdIn` of the referenced ids."""
+        return tuple([await self._resolve(type_, t, session) for t in query])
+
+    async def _resolve(self, type_: str, term: Term, session: Any) -> Term:
+        if isinstance(term, Chain):
+            inner = _LIVE | to_filter(await self.resolve(term.target, term.query, session))
+            docs = await self._db[term.target].find(inner, {"_id": 1}, session=session).to_list()
+            refs = tuple(f"{term.target}/{d['_id']}" for d in docs)
+            return Match(term.param, (Cond("text", "in", refs),))
+        if isinstance(term, Has):
+            prefix = f"{type_}/"
+            inner = _LIVE | to_filter(await self.resolve(term.type, term.query, session))
+            pipeline = [
+                {"$match": inner},
+                {"$unwind": "$idx"},
+                {"$match": {"idx.p": term.param, "idx.t": {"$regex": "^" + re.escape(prefix)}}},
+                {"$group": {"_id": "$idx.t"}},
+            ]
+            docs = await (await self._db[term.type].aggregate(pipeline, session=session)).to_list()
+            return IdIn(tuple(d["_id"][len(prefix) :] for d in docs))
+        if isinstance(term, AnyOf):
+            return AnyOf(tuple([await self._resolve(type_, t, session) for t in term.terms]))
+        if isinstance(term, Not):
+            return Not(await self._resolve(type_, term.term, session))
+        return term
+
     async def history(
         self,
         type_: str | None = None,
@@ -302,25 +472,131 @@ class MongoStore(Store):
             ]
             if since is not None:
                 pipeline.append({"$match": {"lu": {"$gte": since}}})
-        docs, total = await self._page("history", pipeline, _HISTORY_ORDER, count, offset)
+        total = await self._count("history", pipeline)
+        docs = []
+        if count > 0:
+            docs = await self._aggregate("history", pipeline, _HISTORY_ORDER, count, offset)
         return Page([_history_version(d) for d in docs], total)
 
-    async def search(self, type_: str, query: Query, *, count: int = 50, offset: int = 0) -> Page:
-        """Current, non-deleted resources matching ``query``, newest first then by id."""
-        match = {"r": {"$ne": None}} | to_filter(query)
-        docs, total = await self._page(type_, [{"$match": match}], _SEARCH_ORDER, count, offset)
+    async def search(
+        self,
+        type_: str,
+        query: Query,
+        *,
+        sort: Sequence[Sort] = (),
+        count: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        """Current, non-deleted resources matching ``query`` in ``sort`` order."""
+        match = _LIVE | to_filter(await self.resolve(type_, query))
+        total = await self._count(type_, [{"$match": match}])
+        if count <= 0 or total <= offset:
+            return Page([], total)
+        docs = await self._sorted(type_, match, sort, count, offset, None)
         return Page([_version(type_, d["_id"], d) for d in docs], total)
 
-    async def _page(
-        self, collection: str, pipeline: list[dict[str, Any]], order: dict, count: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int]:
+    async def match_ids(
+        self, type_: str, query: Query, *, sort: Sequence[Sort] = (), limit: int
+    ) -> list[tuple[str, str]]:
+        """``(id, last_updated)`` of the first ``limit`` matches, projected from the
+        documents (no resource bodies are read back)."""
+        if limit <= 0:
+            return []
+        match = _LIVE | to_filter(await self.resolve(type_, query))
+        docs = await self._sorted(type_, match, sort, limit, 0, {"lu": 1})
+        return [(d["_id"], d["lu"]) for d in docs]
+
+    async def _sorted(
+        self,
+        type_: str,
+        match: dict[str, Any],
+        sort: Sequence[Sort],
+        limit: int,
+        offset: int,
+        projection: dict[str, int] | None,
+    ) -> list[dict[str, Any]]:
+        """Documents ``offset`` to ``offset + limit`` of ``match`` in ``sort`` order.
+
+        With a parameter as first key, the documents that have its sort key come first
+        (an index walk of ``sk.P``), then the others."""
+        if not sort or not _sort_field(sort[0]).startswith("sk."):
+            stages, spec = _order(sort)
+            return await self._aggregate(
+                type_, [{"$match": match}, *stages], spec, limit, offset, projection
+            )
+        await self._ensure_indexes([type_], sort[:1])
+        field = _sort_field(sort[0])
+        stages, spec = _order(sort[1:])
+        spec = {field: -1 if sort[0].descending else 1} | spec
+        having = [{"$match": {"$and": [match, {field: {"$exists": True}}]}}, *stages]
+        docs = await self._aggregate(type_, having, spec, limit, offset, projection)
+        if len(docs) == limit:
+            return docs
+        before = offset + len(docs) if docs else await self._count(type_, having)
+        without = [{"$match": {"$and": [match, {field: {"$exists": False}}]}}, *stages]
+        rest = limit - len(docs)
+        return docs + await self._aggregate(
+            type_, without, spec, rest, max(0, offset - before), projection
+        )
+
+    async def _count(self, collection: str, pipeline: list[dict[str, Any]]) -> int:
         coll = self._db[collection]
         counted = await (await coll.aggregate([*pipeline, {"$count": "n"}])).to_list()
-        total = counted[0]["n"] if counted else 0
-        if count == 0:
-            return [], total
-        stages = [{"$sort": order}, *([{"$skip": offset}] if offset else []), {"$limit": count}]
-        return await (await coll.aggregate([*pipeline, *stages])).to_list(), total
+        return counted[0]["n"] if counted else 0
+
+    async def _aggregate(
+        self,
+        collection: str,
+        pipeline: list[dict[str, Any]],
+        order: dict[str, int],
+        limit: int,
+        offset: int,
+        projection: dict[str, int] | None = None,
+    ) -> list[dict[str, Any]]:
+        stages = [{"$sort": order}, *([{"$skip": offset}] if offset else []), {"$limit": limit}]
+        if projection:
+            stages.append({"$project": projection})
+        return await (await self._db[collection].aggregate([*pipeline, *stages])).to_list()
+
+    async def read_many(self, type_: str, ids: Sequence[str]) -> list[Version]:
+        """Live versions of ``ids`` in the given order (one ``$in`` query)."""
+        docs = await self._db[type_].find(_LIVE | {"_id": {"$in": list(set(ids))}}).to_list()
+        found = {d["_id"]: _version(type_, d["_id"], d) for d in docs}
+        return [found[id_] for id_ in ids if id_ in found]
+
+    async def scan(
+        self, type_: str, *, after: str | None = None, limit: int = 500
+    ) -> list[Version]:
+        """Live resources by ascending ``_id`` after ``after``."""
+        if limit <= 0:
+            return []
+        where = _LIVE | ({"_id": {"$gt": after}} if after is not None else {})
+        docs = await self._db[type_].find(where).sort("_id", ASCENDING).limit(limit).to_list()
+        return [_version(type_, d["_id"], d) for d in docs]
+
+    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
+        """Replace ``idx`` and ``sk`` of a live resource still at ``version``; False if it
+        changed or is deleted."""
+        done = await self._db[type_].update_one(
+            _LIVE | {"_id": id_, "v": version},
+            {"$set": {"idx": _index_doc(rows), "sk": _sort_keys(rows)}},
+        )
+        return done.matched_count == 1
+
+    async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
+        """Store ``refs`` under ``key`` until ``expires`` (a TTL index removes it)."""
+        doc = {"_id": key, "refs": list(refs), "n": len(refs), "exp": _utc(expires)}
+        await self._db["snapshots"].replace_one({"_id": key}, doc, upsert=True)
+
+    async def load_snapshot(
+        self, key: str, offset: int, count: int
+    ) -> tuple[list[str], int] | None:
+        """A page of snapshot ``key``, or None when unknown or expired."""
+        page = {"refs": {"$slice": [max(offset, 0), count]}} if count > 0 else {}
+        doc = await self._db["snapshots"].find_one({"_id": key}, page | {"n": 1, "exp": 1})
+        if doc is None or _utc(doc["exp"]) <= dt.datetime.now(dt.UTC):
+            return None
+        return doc.get("refs", []), doc["n"]
 
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:
         """Outbox events with ``seq`` greater than ``seq``, oldest first."""

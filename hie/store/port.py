@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hie.store.query import IndexRow, Query
+from hie.store.query import IndexRow, Query, Sort
 
 Method = Literal["POST", "PUT", "PATCH", "DELETE"]
 
@@ -171,14 +171,53 @@ class Store(ABC):
         type_: str,
         query: Query,
         *,
+        sort: Sequence[Sort] = (),
         count: int = 50,
         offset: int = 0,
     ) -> Page:
         """Current, non-deleted resources of ``type_`` matching ``query``.
 
-        Ordered by ``last_updated`` descending, then id ascending (``_sort`` arrives
-        with the full search engine). ``count=0`` returns only the total.
+        Ordered by ``sort`` (see :mod:`hie.store.query` for sort-key semantics), ties
+        and the unsorted case by ``last_updated`` descending, then id ascending.
+        ``count=0`` returns only the total.
         """
+
+    @abstractmethod
+    async def match_ids(
+        self, type_: str, query: Query, *, sort: Sequence[Sort] = (), limit: int
+    ) -> list[tuple[str, str]]:
+        """``(id, last_updated)`` of the first ``limit`` matches, in :meth:`search` order.
+
+        Cheap: answered from the indexes without loading resource bodies."""
+
+    @abstractmethod
+    async def read_many(self, type_: str, ids: Sequence[str]) -> list[Version]:
+        """The current, non-deleted versions of ``ids`` in the order given; ids that are
+        unknown or deleted are left out."""
+
+    @abstractmethod
+    async def scan(
+        self, type_: str, *, after: str | None = None, limit: int = 500
+    ) -> list[Version]:
+        """Current, non-deleted resources of ``type_`` by ascending id, starting after
+        id ``after`` (for reindexing in batches)."""
+
+    @abstractmethod
+    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
+        """Replace the index rows of ``type_/id_`` if its current version is still
+        ``version`` (no new version is written); False if it changed meanwhile."""
+
+    @abstractmethod
+    async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
+        """Store an ordered list of ``Type/id`` references (one search's matches, for
+        paging) under ``key`` until the instant ``expires``."""
+
+    @abstractmethod
+    async def load_snapshot(
+        self, key: str, offset: int, count: int
+    ) -> tuple[list[str], int] | None:
+        """``count`` references of snapshot ``key`` from ``offset`` and the snapshot's
+        length, or None when the key is unknown or expired."""
 
     @abstractmethod
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:

@@ -3,20 +3,46 @@ URI is configured.
 
 Tables: ``resources`` (current version of each resource, body included), ``history``
 (every version, ``seq`` gives commit order), ``search_index`` (index rows of current,
-non-deleted versions only), ``outbox`` and ``counters``.
+non-deleted versions only; ``grp`` numbers a composite row within its resource),
+``search_part`` (the components of composite rows, keyed by ``grp`` and ``part``),
+``snapshots``/``snapshot_refs`` (paging snapshots), ``outbox`` and ``counters``.
+``PRAGMA user_version`` holds the schema version; :func:`migrate` upgrades older files
+in place when the store opens.
+
+Search plan. Each query term has two SQL forms: a *set* (an uncorrelated ``SELECT`` of
+matching ids, answered from a ``search_index`` index) and a *check* (an ``EXISTS``
+correlated with one resource id, answered through the ``(type, id, param)`` index).
+The term expected to match least (a capped ``count`` probe of its set, see
+:data:`PROBE`) drives: its set is materialised and every other term is checked per
+id, so cost follows the smallest set, not the number of resources. ``prefix`` is an
+index range (``text >= p AND text < successor(p)``); ``contains``, ``ne`` and ``null``
+filter the parameter's rows (a scan of that parameter, not of the table). Chains and
+``_has`` nest: their sets feed ``IN`` lists of ``Type/id`` references, their checks
+follow the reference from the row at hand.
+
+Order. Small results (driver set under :data:`PROBE` ids) are sorted whole, a sort
+key being the ``min``/``max`` of the parameter's row values. Large ones are *walked*
+in order instead, checking each resource until the page is full: by
+``(type, last_updated DESC, id)`` of live resources for the default order, and by the
+expression indexes ``search_asc``/``search_desc`` over a row's sort value for a
+parameter sort (the first time a resource's id comes up in that order is at its
+minimum, or its maximum descending), then the resources without a value. ``total``
+always counts the whole driver set, so it grows with the number of matches.
 
 Threading: one writer connection used from a single worker thread serialises commits;
 reads use per-thread reader connections from a small thread pool (WAL lets readers run
-beside the writer). Point reads by primary key take microseconds, so they run
-directly on the event loop with its own connection instead of paying a thread hop.
+beside the writer), each search inside one read transaction. Point reads by primary
+key take microseconds, so they run directly on the event loop with its own connection
+instead of paying a thread hop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,94 +51,552 @@ from hie.store.port import (
     Event,
     Page,
     Store,
+    StoreError,
     Version,
     VersionConflict,
     Write,
 )
-from hie.store.query import COLUMNS, AnyOf, IdIn, Match, Not, Query, Term
+from hie.store.query import (
+    COLUMNS,
+    NUMBER_COLUMNS,
+    AnyOf,
+    Chain,
+    Cond,
+    Has,
+    IdIn,
+    IndexRow,
+    Match,
+    Not,
+    Query,
+    Sort,
+    Term,
+)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS resources (
-    type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
-    last_updated TEXT NOT NULL, method TEXT NOT NULL, body BLOB,
-    PRIMARY KEY (type, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS resources_lu ON resources (type, last_updated DESC, id);
-CREATE TABLE IF NOT EXISTS history (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
-    last_updated TEXT NOT NULL, method TEXT NOT NULL, body BLOB
-);
-CREATE UNIQUE INDEX IF NOT EXISTS history_version ON history (type, id, version);
-CREATE INDEX IF NOT EXISTS history_lu ON history (last_updated, seq);
-CREATE INDEX IF NOT EXISTS history_type_lu ON history (type, last_updated, seq);
-CREATE TABLE IF NOT EXISTS search_index (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
-    system TEXT, text TEXT, low TEXT, high TEXT
-);
-CREATE INDEX IF NOT EXISTS search_text ON search_index (type, param, text, system);
-CREATE INDEX IF NOT EXISTS search_low ON search_index (type, param, low);
-CREATE INDEX IF NOT EXISTS search_high ON search_index (type, param, high);
-CREATE INDEX IF NOT EXISTS search_owner ON search_index (type, id);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS resources (
+        type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+        last_updated TEXT NOT NULL, method TEXT NOT NULL, body BLOB,
+        PRIMARY KEY (type, id)
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS resources_live ON resources (type, last_updated DESC, id)
+        WHERE body IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+        last_updated TEXT NOT NULL, method TEXT NOT NULL, body BLOB
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS history_version ON history (type, id, version)",
+    "CREATE INDEX IF NOT EXISTS history_lu ON history (last_updated, seq)",
+    "CREATE INDEX IF NOT EXISTS history_type_lu ON history (type, last_updated, seq)",
+    """CREATE TABLE IF NOT EXISTS search_index (
+        type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        system TEXT, text TEXT, low TEXT, high TEXT, nlow REAL, nhigh REAL, grp INTEGER
+    )""",
+    "CREATE INDEX IF NOT EXISTS search_text ON search_index (type, param, text, system, id)",
+    """CREATE INDEX IF NOT EXISTS search_low ON search_index (type, param, low, id)
+        WHERE low IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS search_high ON search_index (type, param, high, id)
+        WHERE high IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS search_nlow ON search_index (type, param, nlow, id)
+        WHERE nlow IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS search_nhigh ON search_index (type, param, nhigh, id)
+        WHERE nhigh IS NOT NULL""",
+    "CREATE INDEX IF NOT EXISTS search_owner ON search_index (type, id, param)",
+    """CREATE INDEX IF NOT EXISTS search_asc
+        ON search_index (type, param, coalesce(low, nlow, text))""",
+    """CREATE INDEX IF NOT EXISTS search_desc
+        ON search_index (type, param, coalesce(high, nhigh, text))""",
+    """CREATE TABLE IF NOT EXISTS search_part (
+        type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        grp INTEGER NOT NULL, part INTEGER NOT NULL,
+        system TEXT, text TEXT, low TEXT, high TEXT, nlow REAL, nhigh REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS part_text ON search_part (type, param, part, text, system)",
+    """CREATE INDEX IF NOT EXISTS part_low ON search_part (type, param, part, low)
+        WHERE low IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS part_nlow ON search_part (type, param, part, nlow)
+        WHERE nlow IS NOT NULL""",
+    "CREATE INDEX IF NOT EXISTS part_owner ON search_part (type, id, grp, part)",
+    """CREATE TABLE IF NOT EXISTS snapshots (
+        key TEXT PRIMARY KEY, length INTEGER NOT NULL, expires TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS snapshots_expires ON snapshots (expires)",
+    """CREATE TABLE IF NOT EXISTS snapshot_refs (
+        key TEXT NOT NULL, pos INTEGER NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (key, pos)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL
+    )""",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS live_counts (type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+)
+#: Indexes whose definition changed in schema 1 (dropped, then created anew).
+_CHANGED_IN_1 = ("resources_lu", "search_text", "search_low", "search_high", "search_owner")
 
-_SQL_OPS = {"eq": "=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+#: Probe cap: a term whose set reaches this many rows counts as broad; a query whose
+#: smallest set is broad is walked in result order instead of being sorted whole.
+PROBE = 5000
+
+_SQL_OPS = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+#: Ops an index on (type, param, column) narrows down.
+_SEEK_OPS = frozenset({"eq", "in", "prefix", "lt", "le", "gt", "ge"})
+_SEEK_COLUMNS = frozenset({"text", "low", "high", "nlow", "nhigh"})
+_PART_SEEK_COLUMNS = frozenset({"text", "low", "nlow"})
+_ASC = "coalesce({0}.low, {0}.nlow, {0}.text)"
+_DESC = "coalesce({0}.high, {0}.nhigh, {0}.text)"
 _VERSION_COLS = "type, id, version, last_updated, method, body"
+#: Page cache per connection: the writer's holds the index pages that commits touch.
+WRITER_CACHE_MB = 64
+READER_CACHE_MB = 16
+_CHUNK = 500
+
+Frag = tuple[str, list]
 
 
 def _version(row: tuple) -> Version:
     return Version(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: str, cache_mb: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=OFF")
     return conn
 
 
-class _SqlBuilder:
-    """Translates a store :data:`Query` into an SQL WHERE clause with parameters."""
+def _now() -> str:
+    return _instant(dt.datetime.now(dt.UTC))
 
-    def __init__(self) -> None:
-        self.params: list = []
 
-    def term(self, term: Term) -> str:
-        if isinstance(term, Match):
-            parts = ["s.type = r.type", "s.id = r.id", "s.param = ?"]
-            self.params.append(term.param)
-            for cond in term.conds:
-                if cond.column not in COLUMNS:
-                    raise ValueError(f"unknown index column {cond.column!r}")
-                col = f"s.{cond.column}"
-                if cond.op == "null":
-                    parts.append(f"{col} IS NULL")
-                elif cond.op == "prefix":
-                    # substr comparison: exact, case-sensitive and index-friendly enough.
-                    parts.append(f"substr({col}, 1, ?) = ?")
-                    self.params += [len(cond.value), cond.value]
-                else:
-                    parts.append(f"{col} {_SQL_OPS[cond.op]} ?")
-                    self.params.append(cond.value)
-            return f"EXISTS (SELECT 1 FROM search_index s WHERE {' AND '.join(parts)})"
+def _instant(value: str | dt.datetime) -> str:
+    """An instant in the store's canonical form (``...T03:04:05.123456Z``)."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (code-point
+    order, as SQLite's BINARY collation compares UTF-8), or None if there is none."""
+    while prefix:
+        following = ord(prefix[-1]) + 1
+        if following == 0xD800:  # surrogates never occur in stored text
+            following = 0xE000
+        if following <= 0x10FFFF:
+            return prefix[:-1] + chr(following)
+        prefix = prefix[:-1]
+    return None
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a database of an older schema up to date."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{conn} has schema {version}, newer than this HIE knows")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(search_index)")}
+        if columns and "nlow" not in columns:  # schema 0: no numbers, composites, sorting
+            for column in ("nlow REAL", "nhigh REAL", "grp INTEGER"):
+                conn.execute(f"ALTER TABLE search_index ADD COLUMN {column}")
+            for name in _CHANGED_IN_1:
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
+        for statement in SCHEMA:
+            conn.execute(statement)
+        if version == 0 and columns:
+            conn.execute(
+                "INSERT INTO live_counts SELECT type, count(*) FROM resources"
+                " WHERE body IS NOT NULL GROUP BY type"
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _conj(frags: Iterable[Frag]) -> Frag:
+    texts, params = [], []
+    for text, p in frags:
+        texts.append(text)
+        params += p
+    return (" AND ".join(texts) or "1"), params
+
+
+def _is_resource_key(key: Sort) -> bool:
+    return key.param in ("_id", "_lastUpdated")
+
+
+class _Compiler:
+    """Translates store queries into SQL for one read; probes set sizes through
+    ``conn`` to pick each query's driving term (see the module docstring)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self._aliases = 0
+        self._sets: dict[tuple[str, Term], tuple[str, list, bool]] = {}
+
+    def _alias(self, prefix: str) -> str:
+        self._aliases += 1
+        return f"{prefix}{self._aliases}"
+
+    # --- planning ------------------------------------------------------------------
+
+    def plan(self, type_: str, query: Query) -> tuple[int | None, int]:
+        """The index of the driving term (None: scan the type) and its estimated size."""
+        best, best_key = None, (PROBE + 1, 2)
+        for n, term in enumerate(query):
+            key = self._estimate(type_, term)
+            if key is not None and key < best_key:
+                best, best_key = n, key
+        return best, best_key[0]
+
+    def _estimate(self, type_: str, term: Term) -> tuple[int, int] | None:
+        """(size up to PROBE, 0 if probed else 1) of a term's set; None: no set form."""
         if isinstance(term, IdIn):
-            if not term.ids:
-                return "0"
-            self.params += list(term.ids)
-            return f"r.id IN ({', '.join('?' * len(term.ids))})"
+            return len(set(term.ids)), 0
+        if isinstance(term, AnyOf):
+            keys = [self._estimate(type_, t) for t in term.terms]
+            if None in keys:
+                return None
+            return min(PROBE, sum(k[0] for k in keys)), max((k[1] for k in keys), default=0)
+        if isinstance(term, Not):
+            return None
+        if isinstance(term, Match) and not self._seekable(term):
+            return PROBE, 1
+        sql, params, _ = self._set(type_, term)
+        found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {PROBE})", params)
+        return found.fetchone()[0], 0
+
+    @staticmethod
+    def _seekable(term: Match) -> bool:
+        """True if an index narrows the term's rows below all rows of its parameter."""
+        return not term.conds or any(
+            c.op in _SEEK_OPS
+            and c.column in (_SEEK_COLUMNS if c.part is None else _PART_SEEK_COLUMNS)
+            for c in term.conds
+        )
+
+    # --- sets and checks -------------------------------------------------------------
+
+    def ids(self, type_: str, query: Query, driver: int | None) -> tuple[str, list, bool]:
+        """A SELECT of the ids (column ``id``) of live ``type_`` resources matching
+        ``query``, driven by term ``driver``; the flag: ids come out distinct."""
+        if driver is None:
+            sql = "SELECT id FROM resources NOT INDEXED WHERE type = ? AND body IS NOT NULL"
+            params, live, distinct, rest = [type_], True, True, query
+        else:
+            sql, params, live = self._set(type_, query[driver])
+            distinct = isinstance(query[driver], IdIn)
+            rest = query[:driver] + query[driver + 1 :]
+        d = self._alias("d")
+        checks = [self.check(type_, f"{d}.id", t) for t in rest]
+        if not live:
+            checks.append(self._live(type_, f"{d}.id"))
+        where, wparams = _conj(checks)
+        return f"SELECT {d}.id AS id FROM ({sql}) {d} WHERE {where}", params + wparams, distinct
+
+    def _set(self, type_: str, term: Term) -> tuple[str, list, bool]:
+        """Uncorrelated SELECT of ids (possibly repeated) matching ``term``; the flag:
+        every id is a live resource."""
+        key = (type_, term)
+        if key not in self._sets:
+            self._sets[key] = self._build_set(type_, term)
+        return self._sets[key]
+
+    def _build_set(self, type_: str, term: Term) -> tuple[str, list, bool]:
+        if isinstance(term, Match):
+            tables, where, params, id_col = self._match(type_, term, correlated=False)
+            return f"SELECT {id_col} AS id FROM {tables} WHERE {where}", params, True
+        if isinstance(term, IdIn):
+            marks = ", ".join("?" * len(term.ids))
+            sql = (
+                f"SELECT id FROM resources WHERE type = ? AND body IS NOT NULL AND id IN ({marks})"
+            )
+            return sql, [type_, *term.ids], True
         if isinstance(term, AnyOf):
             if not term.terms:
-                return "0"
-            return "(" + " OR ".join(self.term(t) for t in term.terms) + ")"
+                return "SELECT NULL AS id WHERE 0", [], True
+            sets = [self._set(type_, t) for t in term.terms]
+            union = " UNION ALL ".join(s[0] for s in sets)
+            return union, [p for s in sets for p in s[1]], all(s[2] for s in sets)
+        if isinstance(term, Chain):
+            s, x = self._alias("s"), self._alias("x")
+            inner, params, _ = self.ids(
+                term.target, term.query, self.plan(term.target, term.query)[0]
+            )
+            sql = (
+                f"SELECT {s}.id AS id FROM search_index {s} WHERE {s}.type = ? AND {s}.param = ?"
+                f" AND {s}.text IN (SELECT ? || {x}.id FROM ({inner}) {x})"
+            )
+            return sql, [type_, term.param, f"{term.target}/", *params], True
+        if isinstance(term, Has):
+            s = self._alias("s")
+            prefix = f"{type_}/"
+            sql = (
+                f"SELECT substr({s}.text, {len(prefix) + 1}) AS id FROM search_index {s}"
+                f" WHERE {s}.type = ? AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ?"
+            )
+            params = [term.type, term.param, prefix, successor(prefix)]
+            if term.query:  # follow the inner ids through the owner index
+                plan = self.plan(term.type, term.query)[0]
+                inner, iparams, _ = self.ids(term.type, term.query, plan)
+                sql = sql.replace(f"{s} WHERE", f"{s} INDEXED BY search_owner WHERE")
+                sql += f" AND {s}.id IN ({inner})"
+                params += iparams
+            return sql, params, False
+        raise TypeError(f"no set form for query term {term!r}")
+
+    def check(self, type_: str, id_expr: str, term: Term) -> Frag:
+        """A condition true when resource ``type_``/``id_expr`` matches ``term``."""
+        if isinstance(term, Match):
+            tables, where, params, id_col = self._match(type_, term, correlated=True)
+            return f"EXISTS (SELECT 1 FROM {tables} WHERE {where} AND {id_col} = {id_expr})", params
+        if isinstance(term, IdIn):
+            return f"{id_expr} IN ({', '.join('?' * len(term.ids))})", list(term.ids)
+        if isinstance(term, AnyOf):
+            if not term.terms:
+                return "0", []
+            checks = [self.check(type_, id_expr, t) for t in term.terms]
+            return "(" + " OR ".join(c[0] for c in checks) + ")", [p for c in checks for p in c[1]]
         if isinstance(term, Not):
-            return f"NOT ({self.term(term.term)})"
+            sql, params = self.check(type_, id_expr, term.term)
+            return f"NOT ({sql})", params
+        if isinstance(term, Chain):
+            s = self._alias("s")
+            prefix = f"{term.target}/"
+            target = f"substr({s}.text, {len(prefix) + 1})"
+            inner, iparams = _conj(
+                [self._live(term.target, target)]
+                + [self.check(term.target, target, t) for t in term.query]
+            )
+            sql = (
+                f"EXISTS (SELECT 1 FROM search_index {s} INDEXED BY search_owner"
+                f" WHERE {s}.type = ? AND {s}.id = {id_expr}"
+                f" AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ? AND {inner})"
+            )
+            return sql, [type_, term.param, prefix, successor(prefix), *iparams]
+        if isinstance(term, Has):
+            s = self._alias("s")
+            inner, iparams = _conj(self.check(term.type, f"{s}.id", t) for t in term.query)
+            sql = (
+                f"EXISTS (SELECT 1 FROM search_index {s} WHERE {s}.type = ? AND {s}.param = ?"
+                f" AND {s}.text = ? || {id_expr} AND {inner})"
+            )
+            return sql, [term.type, term.param, f"{type_}/", *iparams]
         raise TypeError(f"not a query term: {term!r}")
+
+    def _live(self, type_: str, id_expr: str) -> Frag:
+        t = self._alias("t")
+        return (
+            f"EXISTS (SELECT 1 FROM resources {t} WHERE {t}.type = ? AND {t}.id = {id_expr}"
+            f" AND {t}.body IS NOT NULL)",
+            [type_],
+        )
+
+    def _match(self, type_: str, term: Match, *, correlated: bool) -> tuple[str, str, list, str]:
+        """FROM list, WHERE conjunction, parameters and id column of the rows (and
+        composite components) that satisfy ``term``. The first table drives by its
+        values unless ``correlated`` (the caller constrains the id); the others are
+        joined through their owner index."""
+        by_part: dict[int | None, list[Cond]] = {}
+        for cond in term.conds:
+            by_part.setdefault(cond.part, []).append(cond)
+        if not by_part:
+            by_part[None] = []
+        aliases: dict[int | None, str] = {}
+        tables, where, params = [], [], []
+        for part in sorted(by_part, key=lambda k: -1 if k is None else k):
+            a = self._alias("s" if part is None else "p")
+            owner = " INDEXED BY " + ("search_owner" if part is None else "part_owner")
+            owner = owner if correlated or aliases else ""
+            if part is None:
+                tables.append(f"search_index {a}{owner}")
+                where.append(f"{a}.type = ? AND {a}.param = ?")
+                params += [type_, term.param]
+            else:
+                tables.append(f"search_part {a}{owner}")
+                where.append(f"{a}.type = ? AND {a}.param = ? AND {a}.part = ?")
+                params += [type_, term.param, part]
+            if aliases:
+                first = next(iter(aliases.values()))
+                where.append(f"{a}.id = {first}.id AND {a}.grp = {first}.grp")
+            aliases[part] = a
+            for cond in by_part[part]:
+                sql, p = self._cond(f"{a}.{cond.column}", cond)
+                where.append(sql)
+                params += p
+        return ", ".join(tables), " AND ".join(where), params, f"{next(iter(aliases.values()))}.id"
+
+    @staticmethod
+    def _cond(col: str, cond: Cond) -> Frag:
+        if cond.column not in COLUMNS:
+            raise ValueError(f"unknown index column {cond.column!r}")
+        number = cond.column in NUMBER_COLUMNS
+        op, value = cond.op, cond.value
+        if op == "null":
+            return f"{col} IS NULL", []
+        if op in ("prefix", "contains"):
+            if number:
+                raise ValueError(f"{op} needs a text column, not {cond.column!r}")
+            if op == "contains":
+                return f"instr({col}, ?) > 0", [value]
+            upper = successor(value)
+            if upper is None:
+                return f"{col} >= ?", [value]
+            return f"{col} >= ? AND {col} < ?", [value, upper]
+        if op == "in":
+            values = [float(v) for v in value] if number else list(value)
+            return (f"{col} IN ({', '.join('?' * len(values))})" if values else "0"), values
+        if op not in _SQL_OPS:
+            raise ValueError(f"unknown operator {op!r}")
+        return f"{col} {_SQL_OPS[op]} ?", [float(value) if number else value]
+
+    # --- results ---------------------------------------------------------------------
+
+    def count(self, type_: str, query: Query, driver: int | None) -> int:
+        """The number of live ``type_`` resources matching ``query``."""
+        if not query:
+            found = self.conn.execute("SELECT n FROM live_counts WHERE type = ?", (type_,))
+            return (found.fetchone() or (0,))[0]
+        sql, params, distinct = self.ids(type_, query, driver)
+        counted = "count(*)" if distinct else "count(DISTINCT id)"
+        return self.conn.execute(f"SELECT {counted} FROM ({sql})", params).fetchone()[0]
+
+    def page(
+        self,
+        type_: str,
+        query: Query,
+        plan: tuple[int | None, int],
+        sort: Sequence[Sort],
+        limit: int,
+        offset: int,
+    ) -> list[tuple[str, str]]:
+        """``(id, last_updated)`` of matches ``offset`` to ``offset + limit`` in order."""
+        driver, size = plan
+        if driver is not None and size < PROBE:
+            sql, params, _ = self.ids(type_, query, driver)
+            order, oparams = self._order(type_, "r", sort)
+            return self.conn.execute(
+                f"SELECT r.id, r.last_updated FROM resources r WHERE r.type = ?"
+                f" AND r.id IN ({sql}) ORDER BY {order} LIMIT ? OFFSET ?",
+                [type_, *params, *oparams, limit, offset],
+            ).fetchall()
+        if not sort or _is_resource_key(sort[0]):
+            return self._walk_resources(type_, query, sort, "1", [], limit, offset)
+        return self._walk_values(type_, query, sort, limit, offset)
+
+    def _walk_resources(
+        self,
+        type_: str,
+        query: Query,
+        sort: Sequence[Sort],
+        extra: str,
+        extra_params: list,
+        limit: int,
+        offset: int,
+    ) -> list[tuple[str, str]]:
+        checks, params = _conj(self.check(type_, "r.id", t) for t in query)
+        order, oparams = self._order(type_, "r", sort)
+        return self.conn.execute(
+            f"SELECT r.id, r.last_updated FROM resources r WHERE r.type = ?"
+            f" AND r.body IS NOT NULL AND {extra} AND {checks} ORDER BY {order} LIMIT ? OFFSET ?",
+            [type_, *extra_params, *params, *oparams, limit, offset],
+        ).fetchall()
+
+    def _walk_values(
+        self, type_: str, query: Query, sort: Sequence[Sort], limit: int, offset: int
+    ) -> list[tuple[str, str]]:
+        """Walk the first key's sort index; a resource first shows up at its minimum
+        (maximum when descending). Then the resources without a value."""
+        first, rest = sort[0], sort[1:]
+        value = (_DESC if first.descending else _ASC).format("s")
+        direction = " DESC" if first.descending else ""
+        checks, params = _conj(self.check(type_, "s.id", t) for t in query)
+        order, oparams = self._order(type_, "r", rest)
+        index = "search_desc" if first.descending else "search_asc"
+        cursor = self.conn.execute(
+            f"SELECT s.id, r.last_updated FROM search_index s INDEXED BY {index}"
+            f" JOIN resources r ON r.type = s.type AND r.id = s.id"
+            f" WHERE s.type = ? AND s.param = ? AND {value} IS NOT NULL AND {checks}"
+            f" ORDER BY {value}{direction}, {order}",
+            [type_, first.param, *params, *oparams],
+        )
+        seen: set[str] = set()
+        rows: list[tuple[str, str]] = []
+        for id_, lu in cursor:
+            if id_ not in seen:
+                seen.add(id_)
+                if len(seen) > offset:
+                    rows.append((id_, lu))
+                    if len(rows) == limit:
+                        break
+        cursor.close()
+        if len(rows) == limit:
+            return rows
+        without = (
+            f"NOT EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
+            f" AND s.param = ? AND {value} IS NOT NULL)"
+        )
+        return rows + self._walk_resources(
+            type_,
+            query,
+            rest,
+            without,
+            [first.param],
+            limit - len(rows),
+            max(0, offset - len(seen)),
+        )
+
+    def _order(self, type_: str, r: str, sort: Sequence[Sort]) -> Frag:
+        """ORDER BY terms over resource alias ``r``: the sort keys (missing values
+        last), then last_updated descending and id."""
+        terms, params = [], []
+        for key in sort:
+            direction = " DESC" if key.descending else ""
+            if key.param == "_id":
+                return ", ".join([*terms, f"{r}.id{direction}"]), params
+            if key.param == "_lastUpdated":
+                terms.append(f"{r}.last_updated{direction}")
+                continue
+            k = self._alias("k")
+            agg, value = ("max", _DESC) if key.descending else ("min", _ASC)
+            terms.append(
+                f"(SELECT {agg}({value.format(k)}) FROM search_index {k} WHERE {k}.type = ?"
+                f" AND {k}.id = {r}.id AND {k}.param = ?){direction} NULLS LAST"
+            )
+            params += [type_, key.param]
+        if not any(key.param == "_lastUpdated" for key in sort):
+            terms.append(f"{r}.last_updated DESC")
+        return ", ".join([*terms, f"{r}.id"]), params
+
+
+def _replace_index(
+    conn: sqlite3.Connection, type_: str, id_: str, rows: Sequence[IndexRow], old: bool
+) -> None:
+    """Write the search_index and search_part rows of a resource (``old``: drop the
+    rows it had first)."""
+    if old:
+        conn.execute("DELETE FROM search_index WHERE type = ? AND id = ?", (type_, id_))
+        conn.execute("DELETE FROM search_part WHERE type = ? AND id = ?", (type_, id_))
+    index, parts = [], []
+    for n, r in enumerate(rows):
+        grp = n if r.parts else None
+        index.append((type_, id_, r.param, r.system, r.text, r.low, r.high, r.nlow, r.nhigh, grp))
+        parts += [
+            (type_, id_, r.param, n, k, p.system, p.text, p.low, p.high, p.nlow, p.nhigh)
+            for k, p in enumerate(r.parts)
+        ]
+    if index:
+        conn.executemany("INSERT INTO search_index VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", index)
+    if parts:
+        conn.executemany("INSERT INTO search_part VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", parts)
 
 
 class SqliteStore(Store):
@@ -143,8 +627,8 @@ class SqliteStore(Store):
         self._local = threading.local()
 
         def setup() -> sqlite3.Connection:
-            conn = _connect(self.path, self.synchronous)
-            conn.executescript(SCHEMA)
+            conn = _connect(self.path, self.synchronous, WRITER_CACHE_MB)
+            migrate(conn)
             return conn
 
         self._write_conn = await self._run_write(setup)
@@ -164,7 +648,7 @@ class SqliteStore(Store):
         self._write_conn = self._loop_conn = None
 
     def _new_conn(self) -> sqlite3.Connection:
-        conn = _connect(self.path, self.synchronous)
+        conn = _connect(self.path, self.synchronous, READER_CACHE_MB)
         conn.execute("PRAGMA query_only=ON")
         with self._conns_lock:
             self._all_conns.append(conn)
@@ -180,8 +664,15 @@ class SqliteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     async def _run_read(self, fn, *args):
+        """Run ``fn(conn, *args)`` on a reader thread inside one read transaction."""
+
         def call():
-            return fn(self._reader_conn(), *args)
+            conn = self._reader_conn()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.execute("COMMIT")
 
         return await asyncio.get_running_loop().run_in_executor(self._readers, call)
 
@@ -206,13 +697,16 @@ class SqliteStore(Store):
         conn = self._write_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            live: dict[str, int] = {}
             for w in writes:
                 row = conn.execute(
-                    "SELECT version FROM resources WHERE type = ? AND id = ?", (w.type, w.id)
+                    "SELECT version, body IS NOT NULL FROM resources WHERE type = ? AND id = ?",
+                    (w.type, w.id),
                 ).fetchone()
-                actual = row[0] if row else 0
+                actual, was_live = row or (0, 0)
                 if actual != w.prev_version:
                     raise VersionConflict(w.type, w.id, w.prev_version, actual)
+                live[w.type] = live.get(w.type, 0) + (w.body is not None) - was_live
             for w in writes:
                 if w.guard:
                     self._check_guard(conn, w, [x.id for x in writes if x.type == w.type])
@@ -226,19 +720,16 @@ class SqliteStore(Store):
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.last_updated, w.method, w.body),
                 )
-                if w.prev_version:
-                    conn.execute(
-                        "DELETE FROM search_index WHERE type = ? AND id = ?", (w.type, w.id)
-                    )
-                if w.body is not None and w.index:
-                    conn.executemany(
-                        "INSERT INTO search_index VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(w.type, w.id, r.param, r.system, r.text, r.low, r.high) for r in w.index],
-                    )
+                rows = w.index if w.body is not None else ()
+                _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
                 conn.execute(
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.method),
                 )
+            conn.executemany(
+                "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (type) DO UPDATE SET n = n + ?",
+                [(type_, n, n) for type_, n in live.items() if n],
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -246,12 +737,11 @@ class SqliteStore(Store):
 
     @staticmethod
     def _check_guard(conn: sqlite3.Connection, w: Write, written: list[str]) -> None:
-        builder = _SqlBuilder()
-        terms = " AND ".join(builder.term(t) for t in w.guard)
+        compiler = _Compiler(conn)
+        sql, params, _ = compiler.ids(w.type, w.guard, compiler.plan(w.type, w.guard)[0])
         found = conn.execute(
-            "SELECT 1 FROM resources r WHERE r.type = ? AND r.body IS NOT NULL"
-            f" AND r.id NOT IN ({', '.join('?' * len(written))}) AND {terms} LIMIT 1",
-            [w.type, *written, *builder.params],
+            f"SELECT 1 FROM ({sql}) g WHERE g.id NOT IN ({', '.join('?' * len(written))}) LIMIT 1",
+            [*params, *written],
         ).fetchone()
         if found:
             raise ConditionConflict(w.type, w.id)
@@ -298,27 +788,120 @@ class SqliteStore(Store):
 
         return await self._run_read(run)
 
-    async def search(self, type_: str, query: Query, *, count: int = 50, offset: int = 0) -> Page:
-        builder = _SqlBuilder()
-        where = ["r.type = ?", "r.body IS NOT NULL"]
-        params: list = [type_]
-        for term in query:
-            where.append(builder.term(term))
-        params += builder.params
-        clause = " AND ".join(where)
-
+    async def search(
+        self,
+        type_: str,
+        query: Query,
+        *,
+        sort: Sequence[Sort] = (),
+        count: int = 50,
+        offset: int = 0,
+    ) -> Page:
         def run(conn: sqlite3.Connection) -> Page:
-            total = conn.execute(
-                f"SELECT count(*) FROM resources r WHERE {clause}", params
-            ).fetchone()[0]
-            rows = []
-            if count > 0 and total > offset:
-                rows = conn.execute(
-                    f"SELECT {_VERSION_COLS} FROM resources r WHERE {clause}"
-                    " ORDER BY r.last_updated DESC, r.id LIMIT ? OFFSET ?",
-                    [*params, count, offset],
-                ).fetchall()
-            return Page([_version(r) for r in rows], total)
+            compiler = _Compiler(conn)
+            plan = compiler.plan(type_, query)
+            total = compiler.count(type_, query, plan[0])
+            if count <= 0 or total <= offset:
+                return Page([], total)
+            found = compiler.page(type_, query, plan, sort, count, offset)
+            return Page(_read_many(conn, type_, [id_ for id_, _ in found]), total)
+
+        return await self._run_read(run)
+
+    async def match_ids(
+        self, type_: str, query: Query, *, sort: Sequence[Sort] = (), limit: int
+    ) -> list[tuple[str, str]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            if limit <= 0:
+                return []
+            compiler = _Compiler(conn)
+            return compiler.page(type_, query, compiler.plan(type_, query), sort, limit, 0)
+
+        return await self._run_read(run)
+
+    async def read_many(self, type_: str, ids: Sequence[str]) -> list[Version]:
+        return await self._run_read(_read_many, type_, list(ids))
+
+    async def scan(
+        self, type_: str, *, after: str | None = None, limit: int = 500
+    ) -> list[Version]:
+        def run(conn: sqlite3.Connection) -> list[Version]:
+            rows = conn.execute(
+                f"SELECT {_VERSION_COLS} FROM resources WHERE type = ? AND id > ?"
+                " AND body IS NOT NULL ORDER BY id LIMIT ?",
+                (type_, after or "", max(limit, 0)),
+            ).fetchall()
+            return [_version(r) for r in rows]
+
+        return await self._run_read(run)
+
+    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
+        """Replace the index rows of a live resource still at ``version``; False if it
+        changed or is deleted."""
+
+        def run() -> bool:
+            conn = self._write_conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = conn.execute(
+                    "SELECT 1 FROM resources WHERE type = ? AND id = ? AND version = ?"
+                    " AND body IS NOT NULL",
+                    (type_, id_, version),
+                ).fetchone()
+                if found:
+                    _replace_index(conn, type_, id_, rows, True)
+                conn.execute("COMMIT")
+                return found is not None
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        return await self._run_write(run)
+
+    async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
+        """Store ``refs`` under ``key``, replacing an older snapshot of that key; drops
+        expired snapshots on the way."""
+
+        def run() -> None:
+            conn = self._write_conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = [
+                    k
+                    for (k,) in conn.execute(
+                        "SELECT key FROM snapshots WHERE expires <= ? OR key = ?", (_now(), key)
+                    )
+                ]
+                conn.executemany("DELETE FROM snapshots WHERE key = ?", [(k,) for k in gone])
+                conn.executemany("DELETE FROM snapshot_refs WHERE key = ?", [(k,) for k in gone])
+                conn.execute(
+                    "INSERT INTO snapshots VALUES (?, ?, ?)", (key, len(refs), _instant(expires))
+                )
+                conn.executemany(
+                    "INSERT INTO snapshot_refs VALUES (?, ?, ?)",
+                    [(key, pos, ref) for pos, ref in enumerate(refs)],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self._run_write(run)
+
+    async def load_snapshot(
+        self, key: str, offset: int, count: int
+    ) -> tuple[list[str], int] | None:
+        def run(conn: sqlite3.Connection) -> tuple[list[str], int] | None:
+            found = conn.execute(
+                "SELECT length FROM snapshots WHERE key = ? AND expires > ?", (key, _now())
+            ).fetchone()
+            if found is None:
+                return None
+            refs = conn.execute(
+                "SELECT ref FROM snapshot_refs WHERE key = ? AND pos >= ? ORDER BY pos LIMIT ?",
+                (key, max(offset, 0), max(count, 0)),
+            ).fetchall()
+            return [r for (r,) in refs], found[0]
 
         return await self._run_read(run)
 
@@ -342,3 +925,17 @@ class SqliteStore(Store):
             ).fetchone()[0]
 
         return await self._run_write(run)
+
+
+def _read_many(conn: sqlite3.Connection, type_: str, ids: list[str]) -> list[Version]:
+    """Live versions of ``ids`` in the given order, unknown and deleted ones left out."""
+    found: dict[str, Version] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        rows = conn.execute(
+            f"SELECT {_VERSION_COLS} FROM resources WHERE type = ? AND body IS NOT NULL"
+            f" AND id IN ({', '.join('?' * len(chunk))})",
+            [type_, *chunk],
+        )
+        found.update((row[1], _version(row)) for row in rows)
+    return [found[id_] for id_ in ids if id_ in found]

@@ -210,8 +210,10 @@ class _Collection:
         async with self._client.access(session):
             return self._sync.find_one(filter_, projection)
 
-    def find(self, filter_: dict, session: _Session | None = None) -> _Cursor:
-        return _Cursor(self._client, session, lambda: self._sync.find(filter_))
+    def find(
+        self, filter_: dict, projection: dict | None = None, session: _Session | None = None
+    ) -> _Cursor:
+        return _Cursor(self._client, session, lambda: self._sync.find(filter_, projection))
 
     async def aggregate(self, pipeline: list, session: _Session | None = None) -> _Cursor:
         async with self._client.access(session):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 import orjson
 import pytest
@@ -11,16 +10,21 @@ import pytest
 from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
 from hie.store.query import (
     COLUMNS,
+    NUMBER_COLUMNS,
+    TEXT_COLUMNS,
     AnyOf,
+    Chain,
     Cond,
+    Has,
     IdIn,
     IndexRow,
     Match,
     Not,
     Query,
+    Sort,
     Term,
-    row_matches,
 )
+from tests.store.oracle import check_against_oracle
 
 
 def ts(n: int) -> str:
@@ -330,6 +334,7 @@ async def test_history_ties_within_one_commit_follow_write_order(store: Store):
 OP_CASES = [
     ("eq", "ab", {"r2"}),
     ("eq", "a", {"r1"}),
+    ("ne", "ab", {"r1", "r3"}),
     ("lt", "ab", {"r1"}),
     ("le", "ab", {"r1", "r2"}),
     ("gt", "ab", {"r3"}),
@@ -338,11 +343,20 @@ OP_CASES = [
     ("prefix", "a", {"r1", "r2"}),
     ("prefix", "ab", {"r2"}),
     ("prefix", "", {"r1", "r2", "r3"}),
+    ("contains", "b", {"r2", "r3"}),
+    ("contains", "ab", {"r2"}),
+    ("contains", "", {"r1", "r2", "r3"}),
+    ("in", ("b", "a", "zz"), {"r1", "r3"}),
+    ("in", (), set()),
     ("null", None, {"r4"}),
 ]
 
 
-@pytest.mark.parametrize("column", COLUMNS)
+def _filler(column: str) -> str | float:
+    return 1.0 if column in NUMBER_COLUMNS else "a"
+
+
+@pytest.mark.parametrize("column", sorted(TEXT_COLUMNS))
 @pytest.mark.parametrize(("op", "value", "expected"), OP_CASES)
 async def test_search_each_op_on_each_column(store: Store, column, op, value, expected):
     param = f"c_{column}"
@@ -350,12 +364,72 @@ async def test_search_each_op_on_each_column(store: Store, column, op, value, ex
         put("Thing", rid, 1, ts(1), index=(IndexRow(param, **{column: v}),))
         for rid, v in (("r1", "a"), ("r2", "ab"), ("r3", "b"), ("r4", None))
     ]
-    other = {c: "a" for c in COLUMNS if c != column}
+    other = {c: _filler(c) for c in COLUMNS if c != column}
     writes.append(put("Thing", "r5", 1, ts(1), index=(IndexRow("other", **{column: "a"}),)))
     writes.append(put("Thing", "r6", 1, ts(1), index=(IndexRow(param, **other),)))
     await store.commit(writes)
     found = await ids(store, "Thing", (Match(param, (Cond(column, op, value),)),))
     assert set(found) == expected | ({"r6"} if op == "null" else set())
+
+
+# Number columns compare as numbers (as text "10" < "2" and "9.5" > "10"): the ids
+# matching among n1=2, n2=10, n3=9.5, n4=-1, n5 (column absent) and n6 (no row).
+NUMBER_CASES = [
+    ("eq", 10, {"n2"}),
+    ("eq", 9.5, {"n3"}),
+    ("ne", 2.0, {"n2", "n3", "n4"}),
+    ("lt", 9.5, {"n1", "n4"}),
+    ("le", 9.5, {"n1", "n3", "n4"}),
+    ("gt", 9, {"n2", "n3"}),
+    ("ge", 10.0, {"n2"}),
+    ("gt", -100, {"n1", "n2", "n3", "n4"}),
+    ("in", (2, 10.0, 7.0), {"n1", "n2"}),
+    ("in", (), set()),
+    ("null", None, {"n5"}),
+]
+
+
+@pytest.mark.parametrize("column", sorted(NUMBER_COLUMNS))
+@pytest.mark.parametrize(("op", "value", "expected"), NUMBER_CASES)
+async def test_search_numbers_compare_numerically(store: Store, column, op, value, expected):
+    values = (("n1", 2.0), ("n2", 10.0), ("n3", 9.5), ("n4", -1.0), ("n5", None))
+    writes = [
+        put("Thing", rid, 1, ts(1), index=(IndexRow("n", text="x", **{column: v}),))
+        for rid, v in values
+    ]
+    writes.append(put("Thing", "n6", 1, ts(1), index=(IndexRow("other", **{column: 2.0}),)))
+    await store.commit(writes)
+    found = await ids(store, "Thing", (Match("n", (Cond(column, op, value),)),))
+    assert set(found) == expected
+
+
+@pytest.mark.parametrize(("column", "op"), [("nlow", "prefix"), ("nhigh", "contains")])
+async def test_substring_ops_on_number_columns_are_refused(store: Store, column, op):
+    await store.commit([put("Thing", "n", 1, ts(1), index=(IndexRow("n", nlow=1.0),))])
+    with pytest.raises(ValueError, match="text column"):
+        await store.search("Thing", (Match("n", (Cond(column, op, "1"),)),))
+
+
+async def test_search_number_ranges(store: Store):
+    """A value's precision interval [nlow, nhigh] against a searched range."""
+    intervals = {"a": (4.95, 5.05), "b": (5.45, 5.55), "c": (99.5, 100.5), "d": (-0.5, 0.5)}
+    await store.commit(
+        [
+            put("Obs", i, 1, ts(1), index=(IndexRow("v", nlow=lo, nhigh=hi),))
+            for i, (lo, hi) in intervals.items()
+        ]
+    )
+
+    async def within(low: float, high: float) -> set[str]:
+        conds = (Cond("nlow", "ge", low), Cond("nhigh", "le", high))
+        return set(await ids(store, "Obs", (Match("v", conds),)))
+
+    assert await within(4.9, 5.1) == {"a"}
+    assert await within(4.9, 6) == {"a", "b"}
+    assert await within(-1, 101) == {"a", "b", "c", "d"}
+    assert await within(5.0, 101) == {"b", "c"}
+    overlapping = (Cond("nlow", "lt", 5.5), Cond("nhigh", "gt", 5.5))
+    assert await ids(store, "Obs", (Match("v", overlapping),)) == ["b"]
 
 
 async def test_search_prefix_is_literal_and_case_sensitive(store: Store):
@@ -572,84 +646,436 @@ async def test_search_order_and_paging(store: Store):
     assert await store.search("Nothing", ()) == Page([], 0)
 
 
-def _evaluate(term: Term, id_: str, rows: tuple[IndexRow, ...]) -> bool:
-    if isinstance(term, Match):
-        return any(r.param == term.param and row_matches(r, term.conds) for r in rows)
-    if isinstance(term, IdIn):
-        return id_ in term.ids
-    if isinstance(term, AnyOf):
-        return any(_evaluate(t, id_, rows) for t in term.terms)
-    return not _evaluate(term.term, id_, rows)
+# --- composites ------------------------------------------------------------------
 
 
-VALUES = ["", "a", "ab", "abc", "b", "ba", "a.b", "a%", "Z", "é", "张"]
-PARAMS = ["p", "q", "r"]
+def bp(code: str, value: float | None = None, unit: str | None = None) -> IndexRow:
+    """A ``code-value-quantity`` composite row: a LOINC code and a quantity."""
+    quantity = IndexRow("value", text=unit, nlow=value, nhigh=value)
+    return IndexRow("cvq", parts=(IndexRow("code", "loinc", code), quantity))
 
 
-def _random_row(rnd: random.Random) -> IndexRow:
-    cols = {c: rnd.choice(VALUES) for c in COLUMNS if rnd.random() < 0.6}
-    return IndexRow(rnd.choice(PARAMS), **cols)
+SYS, DIA = "8480-6", "8462-4"
 
 
-def _random_term(rnd: random.Random, ids_: list[str], depth: int = 0) -> Term:
-    kind = rnd.choice(["match"] * 4 + (["idin", "anyof", "not"] if depth < 3 else []))
-    if kind == "idin":
-        return IdIn(tuple(rnd.sample(ids_ + ["nope"], rnd.randint(0, 4))))
-    if kind == "anyof":
-        return AnyOf(tuple(_random_term(rnd, ids_, depth + 1) for _ in range(rnd.randint(0, 3))))
-    if kind == "not":
-        return Not(_random_term(rnd, ids_, depth + 1))
-    conds = []
-    for _ in range(rnd.randint(0, 3)):
-        op = rnd.choice(["eq", "lt", "le", "gt", "ge", "prefix", "null"])
-        value = None if op == "null" else rnd.choice(VALUES)
-        conds.append(Cond(rnd.choice(COLUMNS), op, value))
-    return Match(rnd.choice(PARAMS), tuple(conds))
+async def test_search_composite_components_hold_on_one_value(store: Store):
+    lone = IndexRow(
+        "cvq", text="x", parts=(IndexRow("code", "loinc", SYS), IndexRow("value", nlow=150))
+    )
+    await store.commit(
+        [
+            put("Obs", "o1", 1, ts(1), index=(bp(SYS, 120, "mm[Hg]"), bp(DIA, 80, "mm[Hg]"))),
+            put("Obs", "o2", 1, ts(1), index=(lone,)),
+            put("Obs", "o3", 1, ts(1), index=(bp(DIA, 130), IndexRow("code", "loinc", SYS))),
+            put(
+                "Obs",
+                "o4",
+                1,
+                ts(1),
+                index=(IndexRow("cvq", parts=(IndexRow("code", "loinc", SYS),)),),
+            ),
+            put("Obs", "o5", 1, ts(1), index=(bp(SYS, None, "mm[Hg]"),)),
+        ]
+    )
+
+    def code(value: str, *more: Cond) -> Query:
+        return (Match("cvq", (Cond("text", "eq", value, part=0), *more)),)
+
+    above_100 = Cond("nlow", "gt", 100, part=1)
+    assert set(await ids(store, "Obs", code(SYS, above_100))) == {"o1", "o2"}
+    # o1's diastolic is 80: its systolic 120 must not satisfy "diastolic > 100".
+    assert await ids(store, "Obs", code(DIA, above_100)) == ["o3"]
+    assert await ids(store, "Obs", code(SYS, Cond("nlow", "null", part=1))) == ["o5"]
+    assert await ids(store, "Obs", code(SYS, Cond("text", "null", part=2))) == []
+    unit = Cond("text", "eq", "mm[Hg]", part=1)
+    loinc = Cond("system", "eq", "loinc", part=0)
+    in_sys = Cond("text", "in", (SYS, "other"), part=0)
+    both = (Match("cvq", (loinc, in_sys, unit)),)
+    assert set(await ids(store, "Obs", both)) == {"o1", "o5"}
+    assert set(await ids(store, "Obs", (Match("cvq", ()),))) == {"o1", "o2", "o3", "o4", "o5"}
+    # The composite row's own columns and its components together.
+    assert await ids(store, "Obs", code(SYS, Cond("text", "eq", "x"))) == ["o2"]
+    assert await ids(store, "Obs", code(DIA, Cond("text", "eq", "x"))) == []
+    # Components are not rows of any parameter.
+    assert await ids(store, "Obs", (Match("code", (Cond("text", "eq", SYS),)),)) == ["o3"]
+    assert await ids(store, "Obs", (Match("cvq", (Cond("text", "eq", SYS),)),)) == []
+    assert set(await ids(store, "Obs", (Not(Match("cvq", (above_100,))),))) == {"o4", "o5"}
+
+    await store.commit([put("Obs", "o2", 2, ts(2), index=(IndexRow("cvq", text="x"),))])
+    await store.commit([delete("Obs", "o1", 2, ts(2))])
+    assert await ids(store, "Obs", code(SYS, above_100)) == []
+    assert await ids(store, "Obs", code(DIA, above_100)) == ["o3"]
 
 
-async def test_search_agrees_with_reference_evaluator(store: Store):
-    """Random data and queries; ``row_matches`` is the oracle."""
-    rnd = random.Random(20260101)
-    ids_ = [f"t{n:02d}" for n in range(40)]
-    live: dict[str, tuple[int, str, tuple[IndexRow, ...] | None]] = {}
-    for round_ in range(3):
-        writes = []
-        for id_ in ids_:
-            if round_ and rnd.random() < 0.5:
-                continue
-            version = live[id_][0] + 1 if id_ in live else 1
-            lu = ts(round_ * 10 + rnd.randint(0, 3))
-            if id_ in live and live[id_][2] is not None and rnd.random() < 0.3:
-                writes.append(delete("Thing", id_, version, lu))
-                live[id_] = (version, lu, None)
-                continue
-            rows = tuple(_random_row(rnd) for _ in range(rnd.randint(0, 4)))
-            writes.append(
-                Write(
-                    "Thing",
-                    id_,
-                    version - 1,
-                    version,
-                    lu,
-                    "PUT",
-                    body("Thing", id_, version, lu),
-                    rows,
-                )
-            )
-            live[id_] = (version, lu, rows)
-        await store.commit(writes)
-    current = {i: (lu, rows) for i, (_, lu, rows) in live.items() if rows is not None}
-    assert 10 < len(current) < 40
+# --- chains and _has -------------------------------------------------------------
 
-    for _ in range(300):
-        query = tuple(_random_term(rnd, ids_) for _ in range(rnd.randint(0, 3)))
-        hits = [i for i, (_, rows) in current.items() if all(_evaluate(t, i, rows) for t in query)]
-        expected = sorted(sorted(hits), key=lambda i: current[i][0], reverse=True)
-        assert await ids(store, "Thing", query) == expected, query
-        offset = rnd.randint(0, 5)
-        page = await store.search("Thing", query, count=3, offset=offset)
-        assert [v.id for v in page.items] == expected[offset : offset + 3], query
-        assert page.total == len(expected)
+
+def ref(param: str, target: str) -> IndexRow:
+    return IndexRow(param, target.split("/")[0], target)
+
+
+def named(name: str) -> IndexRow:
+    return IndexRow("name", text=name)
+
+
+@pytest.fixture
+async def linked(store: Store) -> Store:
+    """Observation -subject-> Patient -gp-> Practitioner -org-> Organization.
+
+    org1 "acme", org2 "beta", org3 "acme"; pr1->org1, pr2->org2, pr3->org3;
+    p1 "ann"->pr1, p2 "bob"->pr2, p3->pr3, p4->Practitioner/gone, p5->an absolute URL;
+    o1->p1 (code a), o2->p2, o3->p3, o4->p4, o5->Group/p1, o6->p1 and p2 (code b).
+    """
+    writes = [
+        put("Organization", "org1", 1, ts(1), index=(named("acme"),)),
+        put("Organization", "org2", 1, ts(1), index=(named("beta"),)),
+        put("Organization", "org3", 1, ts(1), index=(named("acme"),)),
+        put("Practitioner", "pr1", 1, ts(1), index=(ref("org", "Organization/org1"),)),
+        put("Practitioner", "pr2", 1, ts(1), index=(ref("org", "Organization/org2"),)),
+        put("Practitioner", "pr3", 1, ts(1), index=(ref("org", "Organization/org3"),)),
+        put("Patient", "p1", 1, ts(1), index=(named("ann"), ref("gp", "Practitioner/pr1"))),
+        put("Patient", "p2", 1, ts(1), index=(named("bob"), ref("gp", "Practitioner/pr2"))),
+        put("Patient", "p3", 1, ts(1), index=(ref("gp", "Practitioner/pr3"),)),
+        put("Patient", "p4", 1, ts(1), index=(ref("gp", "Practitioner/gone"),)),
+        put("Patient", "p5", 1, ts(1), index=(IndexRow("gp", text="http://x/Practitioner/pr1"),)),
+        put("Observation", "o1", 1, ts(1), index=(ref("subject", "Patient/p1"), named("a"))),
+        put("Observation", "o2", 1, ts(1), index=(ref("subject", "Patient/p2"),)),
+        put("Observation", "o3", 1, ts(1), index=(ref("subject", "Patient/p3"),)),
+        put("Observation", "o4", 1, ts(1), index=(ref("subject", "Patient/p4"),)),
+        put("Observation", "o5", 1, ts(1), index=(ref("subject", "Group/p1"),)),
+        put(
+            "Observation",
+            "o6",
+            1,
+            ts(1),
+            index=(ref("subject", "Patient/p1"), ref("subject", "Patient/p2"), named("b")),
+        ),
+    ]
+    await store.commit(writes)
+    return store
+
+
+def name(value: str) -> Match:
+    return Match("name", (Cond("text", "eq", value),))
+
+
+async def found(store: Store, type_: str, *terms: Term) -> set[str]:
+    return set(await ids(store, type_, terms))
+
+
+async def test_chain(linked: Store):
+    s = linked
+    ann, bob = (
+        Chain("subject", "Patient", (name("ann"),)),
+        Chain("subject", "Patient", (name("bob"),)),
+    )
+    assert await found(s, "Observation", ann) == {"o1", "o6"}
+    assert await found(s, "Observation", AnyOf((ann, bob))) == {"o1", "o2", "o6"}
+    assert await found(s, "Observation", ann, bob) == {"o6"}
+    assert await found(s, "Observation", ann, name("b")) == {"o6"}
+    assert await found(s, "Observation", Not(ann)) == {"o2", "o3", "o4", "o5"}
+    assert await found(s, "Observation", Chain("subject", "Patient", ())) == {
+        "o1",
+        "o2",
+        "o3",
+        "o4",
+        "o6",
+    }
+    assert await found(s, "Observation", Not(Chain("subject", "Patient", ()))) == {"o5"}
+    assert await found(s, "Observation", Chain("subject", "Group", ())) == set()
+    assert await found(s, "Observation", Chain("other", "Patient", ())) == set()
+    assert await found(s, "Patient", Chain("gp", "Practitioner", ())) == {"p1", "p2", "p3"}
+    ids_ = Chain("subject", "Patient", (IdIn(("p2", "p4")),))
+    assert await found(s, "Observation", ids_) == {"o2", "o4", "o6"}
+
+
+async def test_chain_three_deep_and_to_deleted_targets(linked: Store):
+    s = linked
+    acme = Chain("gp", "Practitioner", (Chain("org", "Organization", (name("acme"),)),))
+    deep = Chain("subject", "Patient", (acme,))
+    assert await found(s, "Observation", deep) == {"o1", "o3", "o6"}
+    assert await found(s, "Observation", Not(deep)) == {"o2", "o4", "o5"}
+
+    await s.commit([delete("Organization", "org3", 2, ts(2))])
+    assert await found(s, "Observation", deep) == {"o1", "o6"}
+    await s.commit([delete("Patient", "p2", 2, ts(2))])
+    assert await found(s, "Observation", Not(Chain("subject", "Patient", ()))) == {"o2", "o5"}
+    assert await found(s, "Observation", Chain("subject", "Patient", ())) == {
+        "o1",
+        "o3",
+        "o4",
+        "o6",
+    }
+    assert await found(s, "Observation", Chain("subject", "Patient", (name("bob"),))) == set()
+    # A target written again matches again.
+    await s.commit([put("Patient", "p2", 3, ts(3), index=(named("bob"),))])
+    assert await found(s, "Observation", Chain("subject", "Patient", (name("bob"),))) == {
+        "o2",
+        "o6",
+    }
+
+
+async def test_has(linked: Store):
+    s = linked
+    code_a = Has("Observation", "subject", (name("a"),))
+    assert await found(s, "Patient", code_a) == {"p1"}
+    referred = Has("Observation", "subject", ())
+    assert await found(s, "Patient", referred) == {"p1", "p2", "p3", "p4"}
+    assert await found(s, "Patient", Not(referred)) == {"p5"}
+    assert await found(s, "Patient", referred, name("bob")) == {"p2"}
+    assert await found(s, "Patient", AnyOf((code_a, IdIn(("p5",))))) == {"p1", "p5"}
+    assert await found(s, "Group", referred) == set()
+    assert await found(s, "Organization", Has("Practitioner", "org", ())) == {
+        "org1",
+        "org2",
+        "org3",
+    }
+
+    # _has inside _has, and a chain inside a _has.
+    code_b = Has("Patient", "gp", (Has("Observation", "subject", (name("b"),)),))
+    assert await found(s, "Practitioner", code_b) == {"pr1", "pr2"}
+    deep = Has("Practitioner", "org", (Has("Patient", "gp", (code_a,)),))
+    assert await found(s, "Organization", deep) == {"org1"}
+    by_chain = Has("Practitioner", "org", (Chain("org", "Organization", (name("beta"),)),))
+    assert await found(s, "Organization", by_chain) == {"org2"}
+
+    await s.commit([delete("Observation", "o6", 2, ts(2))])
+    assert await found(s, "Practitioner", code_b) == set()
+    await s.commit([delete("Organization", "org3", 2, ts(2))])
+    assert await found(s, "Organization", Has("Practitioner", "org", ())) == {"org1", "org2"}
+
+
+async def test_guard_with_a_chain(linked: Store):
+    guard = (Chain("subject", "Patient", (name("bob"),)), name("b"))
+    w = put("Observation", "new", 1, ts(2))
+    guarded = Write(w.type, w.id, 0, 1, w.last_updated, w.method, w.body, w.index, guard)
+    with pytest.raises(ConditionConflict):
+        await linked.commit([guarded])
+    await linked.commit([delete("Observation", "o6", 2, ts(2)), guarded])
+    assert await linked.read("Observation", "new") is not None
+
+
+# --- sorting ---------------------------------------------------------------------
+
+
+def period(low: str, high: str) -> IndexRow:
+    return IndexRow("date", low=low, high=high)
+
+
+@pytest.fixture
+async def sortable(store: Store) -> Store:
+    """s1: dates 2020-01..2020-12 and 2018-01..2018-06, name b, n 10, code "x";
+    s2: date 2019-01..2019-12, name a, n 9.5; s3: no date, name a, n 100;
+    s4: date 2021-01..2021-06, no name, code "w"; s5: date 2019-01..2019-12, name b.
+    Last updated: s1 at 1, s2 at 2, s3 at 3, s4 at 4, s5 at 5."""
+    rows = {
+        "s1": (
+            period("2020-01", "2020-12"),
+            period("2018-01", "2018-06"),
+            named("b"),
+            IndexRow("n", nlow=10.0, nhigh=10.0),
+            IndexRow("code", "sys", "x"),
+        ),
+        "s2": (period("2019-01", "2019-12"), named("a"), IndexRow("n", nlow=9.5, nhigh=9.5)),
+        "s3": (named("a"), IndexRow("n", nlow=100.0, nhigh=100.0)),
+        "s4": (period("2021-01", "2021-06"), IndexRow("code", "sys", "w")),
+        "s5": (period("2019-01", "2019-12"), named("b")),
+    }
+    await store.commit(
+        [put("Thing", i, 1, ts(n), index=r) for n, (i, r) in enumerate(rows.items(), 1)]
+    )
+    return store
+
+
+async def sorted_ids(store: Store, *sort: Sort, query: Query = (), **page: int) -> list[str]:
+    return [v.id for v in (await store.search("Thing", query, sort=sort, **page)).items]
+
+
+async def test_sort_by_a_parameter(sortable: Store):
+    s = sortable
+    # Ascending by the earliest low: s1 (2018), s2 = s5 (2019, s5 newer), s4; s3 has none.
+    assert await sorted_ids(s, Sort("date")) == ["s1", "s5", "s2", "s4", "s3"]
+    # Descending by the latest high: s4 (2021-06), s1 (2020-12), s5 = s2, then s3.
+    assert await sorted_ids(s, Sort("date", True)) == ["s4", "s1", "s5", "s2", "s3"]
+    # Numbers as numbers: 9.5 < 10 < 100.
+    assert await sorted_ids(s, Sort("n")) == ["s2", "s1", "s3", "s5", "s4"]
+    assert await sorted_ids(s, Sort("n", True)) == ["s3", "s1", "s2", "s5", "s4"]
+    assert await sorted_ids(s, Sort("code")) == ["s4", "s1", "s5", "s3", "s2"]
+    assert await sorted_ids(s, Sort("nothing")) == ["s5", "s4", "s3", "s2", "s1"]
+
+
+async def test_sort_by_several_keys(sortable: Store):
+    s = sortable
+    # name a: s2 (date 2019-12), s3 (no date); name b: s1 (2020-12), s5 (2019-12); no name: s4.
+    assert await sorted_ids(s, Sort("name"), Sort("date", True)) == ["s2", "s3", "s1", "s5", "s4"]
+    assert await sorted_ids(s, Sort("name", True), Sort("n")) == ["s1", "s5", "s2", "s3", "s4"]
+    assert await sorted_ids(s, Sort("date"), Sort("_id", True)) == ["s1", "s5", "s2", "s4", "s3"]
+    assert await sorted_ids(s, Sort("name"), Sort("_lastUpdated")) == ["s2", "s3", "s1", "s5", "s4"]
+
+
+async def test_sort_by_id_and_last_updated(sortable: Store):
+    s = sortable
+    await s.commit([put("Thing", "s0", 1, ts(3))])
+    assert await sorted_ids(s, Sort("_id")) == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    assert await sorted_ids(s, Sort("_id", True)) == ["s5", "s4", "s3", "s2", "s1", "s0"]
+    assert await sorted_ids(s, Sort("_lastUpdated")) == ["s1", "s2", "s0", "s3", "s4", "s5"]
+    assert await sorted_ids(s, Sort("_lastUpdated", True)) == ["s5", "s4", "s0", "s3", "s2", "s1"]
+    assert await sorted_ids(s, Sort("_lastUpdated", True), Sort("_id", True)) == [
+        "s5",
+        "s4",
+        "s3",
+        "s0",
+        "s2",
+        "s1",
+    ]
+
+
+async def test_sort_with_filters_and_paging(sortable: Store):
+    s = sortable
+    asc = Sort("date")
+    assert await sorted_ids(s, asc, count=2) == ["s1", "s5"]
+    assert await sorted_ids(s, asc, count=2, offset=2) == ["s2", "s4"]
+    assert await sorted_ids(s, asc, count=2, offset=3) == ["s4", "s3"]
+    assert await sorted_ids(s, asc, count=2, offset=4) == ["s3"]
+    page = await s.search("Thing", (), sort=(asc,), count=2, offset=5)
+    assert page == Page([], 5)
+    assert (await s.search("Thing", (), sort=(asc,), count=0)) == Page([], 5)
+    named_b = name("b")
+    assert await sorted_ids(s, Sort("date", True), query=(named_b,)) == ["s1", "s5"]
+    assert await sorted_ids(s, asc, query=(Not(named_b),)) == ["s2", "s4", "s3"]
+    page = await s.search("Thing", (Not(named_b),), sort=(asc,), count=1, offset=2)
+    assert [v.id for v in page.items] == ["s3"] and page.total == 3
+    assert page.items[0] == await s.read("Thing", "s3")
+
+
+async def test_sort_follows_updates_and_deletes(sortable: Store):
+    s = sortable
+    await s.commit([put("Thing", "s3", 2, ts(6), index=(period("2017-01", "2017-02"),))])
+    await s.commit([delete("Thing", "s1", 2, ts(6))])
+    assert await sorted_ids(s, Sort("date")) == ["s3", "s5", "s2", "s4"]
+    assert await sorted_ids(s, Sort("date", True)) == ["s4", "s5", "s2", "s3"]
+
+
+async def test_match_ids(sortable: Store):
+    s = sortable
+    assert await s.match_ids("Thing", (), limit=2) == [("s5", ts(5)), ("s4", ts(4))]
+    assert await s.match_ids("Thing", (), sort=(Sort("date"),), limit=3) == [
+        ("s1", ts(1)),
+        ("s5", ts(5)),
+        ("s2", ts(2)),
+    ]
+    assert await s.match_ids("Thing", (Not(name("b")),), sort=(Sort("date"),), limit=10) == [
+        ("s2", ts(2)),
+        ("s4", ts(4)),
+        ("s3", ts(3)),
+    ]
+    assert await s.match_ids("Thing", (name("a"),), sort=(Sort("n", True),), limit=10) == [
+        ("s3", ts(3)),
+        ("s2", ts(2)),
+    ]
+    assert await s.match_ids("Thing", (name("zzz"),), limit=10) == []
+    assert await s.match_ids("Thing", (), limit=0) == []
+    await s.commit([delete("Thing", "s5", 2, ts(7))])
+    assert await s.match_ids("Thing", (), limit=1) == [("s4", ts(4))]
+
+
+# --- read_many, scan, set_index ----------------------------------------------------
+
+
+async def test_read_many(store: Store):
+    writes = [put("Patient", i, 1, ts(1), name=i) for i in ("a", "b", "c", "d")]
+    await store.commit([*writes, put("Group", "e", 1, ts(1))])
+    await store.commit([delete("Patient", "c", 2, ts(2))])
+    a, b, _, d = (as_version(w) for w in writes)
+    assert await store.read_many("Patient", ["d", "zz", "a", "c", "e", "b"]) == [d, a, b]
+    assert await store.read_many("Patient", []) == []
+    assert await store.read_many("Group", ["a", "e"]) == [await store.read("Group", "e")]
+    many = [f"m{n:04d}" for n in range(1200)]
+    await store.commit([put("Thing", i, 1, ts(1)) for i in many])
+    assert [v.id for v in await store.read_many("Thing", many[::-1])] == many[::-1]
+
+
+async def test_scan(store: Store):
+    await store.commit([put("Patient", f"p{n}", 1, ts(1)) for n in (5, 1, 4, 2, 3, 6)])
+    await store.commit([put("Group", "p0", 1, ts(1)), delete("Patient", "p4", 2, ts(2))])
+
+    async def scan(after: str | None, limit: int) -> list[str]:
+        return [v.id for v in await store.scan("Patient", after=after, limit=limit)]
+
+    assert await scan(None, 2) == ["p1", "p2"]
+    assert await scan("p2", 2) == ["p3", "p5"]
+    assert await scan("p5", 2) == ["p6"]
+    assert await scan("p6", 2) == []
+    assert await scan("p35", 10) == ["p5", "p6"]
+    assert await scan(None, 0) == []
+    assert (await store.scan("Patient", limit=1))[0] == await store.read("Patient", "p1")
+
+
+async def test_set_index(store: Store):
+    await store.commit([put("Thing", "t", 1, ts(1), index=(named("old"),))])
+    await store.commit([put("Thing", "t", 2, ts(2), index=(named("old"),))])
+    await store.commit([put("Thing", "u", 1, ts(3), index=(named("old"),))])
+    events = await store.events_after(0)
+    current = await store.read("Thing", "t")
+
+    assert await store.set_index("Thing", "t", 1, (named("stale"),)) is False
+    assert await found(store, "Thing", name("stale")) == set()
+    rows = (named("new"), IndexRow("n", nlow=1.0), bp(SYS, 5))
+    assert await store.set_index("Thing", "t", 2, rows) is True
+    assert await found(store, "Thing", name("old")) == {"u"}
+    assert await found(store, "Thing", name("new")) == {"t"}
+    cvq = Match("cvq", (Cond("text", "eq", SYS, part=0), Cond("nlow", "eq", 5, part=1)))
+    assert await found(store, "Thing", cvq) == {"t"}
+    assert await sorted_ids(store, Sort("n")) == ["t", "u"]
+    assert await store.read("Thing", "t") == current
+    assert (await store.history("Thing", "t")).total == 2
+    assert await store.events_after(0) == events
+
+    assert await store.set_index("Thing", "t", 2, ()) is True
+    assert await found(store, "Thing", Match("name", ())) == {"u"}
+    assert await store.set_index("Thing", "nope", 1, rows) is False
+    await store.commit([delete("Thing", "u", 2, ts(4))])
+    assert await store.set_index("Thing", "u", 2, rows) is False
+    assert await found(store, "Thing", name("new")) == set()
+
+
+# --- snapshots ---------------------------------------------------------------------
+
+FUTURE, PAST = "2999-01-01T00:00:00.000000Z", "2001-01-01T00:00:00Z"
+
+
+async def test_snapshots(store: Store):
+    refs = [f"Patient/p{n}" for n in range(7)]
+    await store.save_snapshot("k1", refs, FUTURE)
+    assert await store.load_snapshot("k1", 0, 3) == (refs[:3], 7)
+    assert await store.load_snapshot("k1", 3, 3) == (refs[3:6], 7)
+    assert await store.load_snapshot("k1", 6, 3) == (refs[6:], 7)
+    assert await store.load_snapshot("k1", 9, 3) == ([], 7)
+    assert await store.load_snapshot("k1", 0, 0) == ([], 7)
+    assert await store.load_snapshot("nope", 0, 3) is None
+
+    await store.save_snapshot("k1", ["Group/g"], "2999-01-01T01:00:00+01:00")
+    assert await store.load_snapshot("k1", 0, 3) == (["Group/g"], 1)
+    await store.save_snapshot("empty", [], FUTURE)
+    assert await store.load_snapshot("empty", 0, 10) == ([], 0)
+
+
+async def test_expired_snapshots_are_gone(store: Store):
+    await store.save_snapshot("old", ["Patient/a"], PAST)
+    assert await store.load_snapshot("old", 0, 10) is None
+    await store.save_snapshot("new", ["Patient/b"], FUTURE)
+    assert await store.load_snapshot("old", 0, 10) is None
+    assert await store.load_snapshot("new", 0, 10) == (["Patient/b"], 1)
+
+
+# --- the reference evaluator -------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [20260101, 7])
+async def test_search_agrees_with_reference_evaluator(store: Store, seed: int):
+    """Random data (numbers, composites, references) and queries (chains, _has,
+    sorts); ``row_matches`` and tests/store/oracle.py are the oracle."""
+    await check_against_oracle(store, seed)
 
 
 # --- outbox and counters ---------------------------------------------------------

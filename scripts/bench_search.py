@@ -1,0 +1,1212 @@
+#!/usr/bin/env python
+"""Search latency of the HIE FHIR API on the embedded store, at growing data sizes.
+
+For each size (``--sizes``, default 10k,100k,1m resources) a data directory is filled
+with a synthetic alliance: ~50 Organizations, Patients (a tenth of the resources;
+Chinese names with and without pinyin, Latin names, an MRN, birth date, gender, a
+managing Organization) and Observations (the rest, ~9 a Patient: LOINC codes of
+realistic frequency, one of them rare; effectiveDateTime over ten years; UCUM
+quantities). The loader goes through HIE's own write path in-process but not HTTP:
+``FhirService.new_write`` builds each ``Write`` with its index rows and
+``SqliteStore.commit`` stores 2,000 of them per transaction, with
+``synchronous=OFF`` and a 1 GiB page cache on the loading connection (only the load
+uses these; the server runs with its defaults). The data directory is kept under
+``--cache-dir``; ``--reuse`` skips loading when a directory was built by the same
+generator, seed, search-parameter registry and store schema.
+
+Then ``hie serve`` runs on that directory (auth on, a token from ``hie token``) and
+every query shape of the mix is sent ``--runs`` times, one request at a time over a
+keep-alive connection, after a warm-up. Each query request is followed by the
+baseline, ``GET /fhir/Patient/{id}`` of a random Patient, so both see the same
+machine state; the report gives both latencies and their ratio. Every answer is
+checked against the generated data (the identifier search returns exactly that
+Patient, totals equal the true counts, sorts are in order, ...), so a broken query
+cannot pass for a fast one. Afterwards, with the server idle, the same queries run
+in-process: through the search engine (``SearchEngine.search``: the store work of a
+first page, paging snapshot included, without HTTP) and as one
+``SqliteStore.match_ids`` for just the page, to show where the time goes.
+
+Output: Markdown on stdout (a table per size, then the growth of p95 with the data
+size against the 50 ms target); ``--json PATH`` writes every figure; progress on
+stderr. Examples::
+
+    .venv/bin/python scripts/bench_search.py --sizes 10k --runs 20       # smoke, ~1 min
+    .venv/bin/python scripts/bench_search.py --sizes 10k,100k,1m --reuse  # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import bisect
+import datetime as dt
+import hashlib
+import itertools
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from bench_common import (
+    CATEGORY_SYSTEM,
+    FHIR_JSON,
+    HOST,
+    Server,
+    clean_env,
+    fmt_ms,
+    free_port,
+    hie_executable,
+    log,
+    machine_busy_seconds,
+    machine_info,
+    parse_size,
+    percentile,
+    run_async,
+)
+
+GENERATOR_VERSION = 1  # bump when the generated data changes (invalidates caches)
+BATCH = 2000
+TARGET_MS = 50.0
+MRN_SYSTEM = "https://hie.example.cn/sid/mrn"
+ORG_SYSTEM = "https://hie.example.cn/sid/org"
+LOINC_SYSTEM = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+FOREVER = "9999-12-31T00:00:00.000000Z"
+
+
+# --------------------------------------------------------------------------- data
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+CITIES = [
+    ("Beijing", "北京"),
+    ("Shanghai", "上海"),
+    ("Guangzhou", "广州"),
+    ("Shenzhen", "深圳"),
+    ("Hangzhou", "杭州"),
+    ("Chengdu", "成都"),
+    ("Wuhan", "武汉"),
+    ("Nanjing", "南京"),
+    ("Tianjin", "天津"),
+    ("Chongqing", "重庆"),
+]
+HOSPITAL_KINDS = [
+    ("First People's Hospital", "市第一人民医院"),
+    ("Second People's Hospital", "市第二人民医院"),
+    ("Children's Hospital", "市儿童医院"),
+    ("Hospital of Traditional Chinese Medicine", "市中医医院"),
+    ("Maternal and Child Health Hospital", "市妇幼保健院"),
+]
+# (surname, pinyin, weight ~ frequency in China, percent)
+SURNAMES = [
+    ("王", "Wang", 7.1),
+    ("李", "Li", 7.0),
+    ("张", "Zhang", 6.7),
+    ("刘", "Liu", 5.4),
+    ("陈", "Chen", 4.5),
+    ("杨", "Yang", 3.1),
+    ("黄", "Huang", 2.2),
+    ("赵", "Zhao", 2.0),
+    ("吴", "Wu", 2.0),
+    ("周", "Zhou", 1.9),
+    ("徐", "Xu", 1.5),
+    ("孙", "Sun", 1.5),
+    ("马", "Ma", 1.4),
+    ("朱", "Zhu", 1.3),
+    ("胡", "Hu", 1.3),
+    ("郭", "Guo", 1.1),
+    ("何", "He", 1.1),
+    ("林", "Lin", 1.0),
+    ("高", "Gao", 1.0),
+    ("罗", "Luo", 0.9),
+    ("欧阳", "Ouyang", 0.1),
+    ("司马", "Sima", 0.05),
+]
+GIVEN_CN = [
+    ("伟", "Wei"),
+    ("芳", "Fang"),
+    ("娜", "Na"),
+    ("秀英", "Xiuying"),
+    ("敏", "Min"),
+    ("静", "Jing"),
+    ("丽", "Li"),
+    ("强", "Qiang"),
+    ("磊", "Lei"),
+    ("军", "Jun"),
+    ("洋", "Yang"),
+    ("勇", "Yong"),
+    ("艳", "Yan"),
+    ("杰", "Jie"),
+    ("娟", "Juan"),
+    ("涛", "Tao"),
+    ("明", "Ming"),
+    ("超", "Chao"),
+    ("秀兰", "Xiulan"),
+    ("霞", "Xia"),
+    ("平", "Ping"),
+    ("刚", "Gang"),
+    ("建华", "Jianhua"),
+    ("志强", "Zhiqiang"),
+    ("晓明", "Xiaoming"),
+    ("海燕", "Haiyan"),
+    ("子涵", "Zihan"),
+    ("浩然", "Haoran"),
+    ("梓萱", "Zixuan"),
+    ("宇轩", "Yuxuan"),
+]
+GIVEN_LATIN = _words(
+    "Anna Ben Chloe David Emma Farid Grace Hiro Ines Jonas Kofi Lena Mateo Nora Omar Priya "
+    "Quinn Rosa Sven Tara Ulrich Vera William Xenia Yusuf Zoe Amelie Bruno Clara Dmitri "
+    "Elif Felix Greta Hannah Ivan Julia Karim Luca Maria Niklas Olga Pablo Sofia Theo"
+)
+FAMILY_LATIN = _words(
+    "Schmidt Okafor García Nguyen Jensen Kowalski Rossi Tanaka Müller Dubois Haddad Novak "
+    "Silva Ivanova Larsen Cohen Fischer Becker Smith Johnson Brown Martin Bernard Moreau "
+    "López Fernández Costa Santos Andersson Nielsen Virtanen Horvat Popescu Papadopoulos "
+    "Yilmaz Kaya Öztürk Schneider Weber Meyer Wagner Hoffmann Schulz Koch Richter Klein"
+)
+# (LOINC code, display, UCUM unit, mean, sd, decimals, category, weight %)
+CODES = [
+    ("8867-4", "Heart rate", "/min", 74, 12, 0, "vital-signs", 11),
+    ("8480-6", "Systolic blood pressure", "mm[Hg]", 124, 15, 0, "vital-signs", 11),
+    ("8462-4", "Diastolic blood pressure", "mm[Hg]", 79, 10, 0, "vital-signs", 11),
+    ("8310-5", "Body temperature", "Cel", 36.8, 0.4, 1, "vital-signs", 8),
+    ("29463-7", "Body weight", "kg", 68, 14, 1, "vital-signs", 8),
+    ("8302-2", "Body height", "cm", 166, 9, 1, "vital-signs", 4),
+    ("59408-5", "Oxygen saturation by pulse oximetry", "%", 97, 1.5, 0, "vital-signs", 7),
+    ("2339-0", "Glucose [Mass/volume] in Blood", "mg/dL", 98, 18, 0, "laboratory", 5),
+    ("15074-8", "Glucose [Moles/volume] in Blood", "mmol/L", 5.6, 1.3, 1, "laboratory", 6),
+    ("718-7", "Hemoglobin [Mass/volume] in Blood", "g/dL", 14, 1.4, 1, "laboratory", 5),
+    ("2160-0", "Creatinine [Mass/volume] in Serum or Plasma", "mg/dL", 0.95, 0.2, 2,
+     "laboratory", 3),
+    ("14682-9", "Creatinine [Moles/volume] in Serum or Plasma", "umol/L", 80, 18, 0,
+     "laboratory", 4),
+    ("2823-3", "Potassium [Moles/volume] in Serum or Plasma", "mmol/L", 4.2, 0.4, 1,
+     "laboratory", 5),
+    ("2951-2", "Sodium [Moles/volume] in Serum or Plasma", "mmol/L", 140, 3, 0,
+     "laboratory", 5),
+    ("14647-2", "Cholesterol [Moles/volume] in Serum or Plasma", "mmol/L", 4.8, 1.0, 1,
+     "laboratory", 3),
+    ("94500-6", "SARS-CoV-2 RNA [Presence] in Respiratory specimen by NAA with probe "
+     "detection", None, 0, 0, 0, "laboratory", 0.1),
+]  # fmt: skip
+RARE_CODE = "94500-6"
+MOLAR = {"mmol/L": 1.0, "umol/L": 0.001}  # to mol/m3 (= mmol/L), for value-quantity
+EFFECTIVE_FROM = dt.datetime(2015, 1, 1, tzinfo=dt.UTC)
+EFFECTIVE_SPAN = 10 * 365 * 86_400
+CHINA = dt.timezone(dt.timedelta(hours=8))
+
+
+def fold(text: str) -> str:
+    """Lower case without accents: how a string search value compares (ASCII, Latin
+    and Han names; HIE's own folding does more, which these names do not need)."""
+    decomposed = unicodedata.normalize("NFD", text.casefold())
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).split())
+
+
+@dataclass
+class Truth:
+    """What was generated, to pick query arguments and check the answers."""
+
+    orgs: list[tuple[str, str]] = field(default_factory=list)  # (id, name)
+    patient_ids: list[str] = field(default_factory=list)
+    mrn: list[str] = field(default_factory=list)
+    org_of: array.array = field(default_factory=lambda: array.array("H"))
+    birth: list[str] = field(default_factory=list)
+    tokens: list[tuple[str, ...]] = field(default_factory=list)  # folded name parts
+    cjk_family: list[str] = field(default_factory=list)  # "" for Latin names
+    obs_ids: list[str] = field(default_factory=list)
+    obs_patient: array.array = field(default_factory=lambda: array.array("l"))
+    obs_code: array.array = field(default_factory=lambda: array.array("b"))
+    obs_when: array.array = field(default_factory=lambda: array.array("d"))  # epoch s
+    obs_mol: array.array = field(default_factory=lambda: array.array("d"))  # mmol/L or nan
+    by_patient: list[list[int]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "Organization": len(self.orgs),
+            "Patient": len(self.patient_ids),
+            "Observation": len(self.obs_ids),
+        }
+
+
+class Generator:
+    """The synthetic alliance, deterministic for a seed and size; yields resources
+    while recording :class:`Truth`."""
+
+    def __init__(self, seed: int, size: int):
+        self.rng = random.Random(seed)
+        self.size = size
+        self.truth = Truth()
+        weights = [c[7] for c in CODES]
+        self.code_cum = list(itertools.accumulate(weights))
+        self.surname_cum = list(itertools.accumulate(s[2] for s in SURNAMES))
+
+    def uuid(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def resources(self) -> Iterator[tuple[str, str, dict]]:
+        """``(type, id, resource)`` in load order: Organizations, then each Patient
+        followed by its Observations."""
+        r, t = self.rng, self.truth
+        n_orgs = min(50, max(1, self.size // 200))
+        n_patients = max(1, (self.size - n_orgs) // 10)
+        n_obs = self.size - n_orgs - n_patients
+        for i in range(n_orgs):
+            yield self.organization(i)
+        per_patient = [0] * n_patients
+        for _ in range(n_obs):
+            per_patient[r.randrange(n_patients)] += 1
+        for n, count in enumerate(per_patient):
+            yield self.patient(n, r.randrange(n_orgs))
+            t.by_patient.append([])
+            for _ in range(count):
+                yield self.observation(n)
+
+    def organization(self, i: int) -> tuple[str, str, dict]:
+        (city, city_cn), (kind, kind_cn) = CITIES[i % 10], HOSPITAL_KINDS[i // 10 % 5]
+        name = f"{city} {kind}" + (f" {i // 50 + 1}" if i >= 50 else "")
+        oid = self.uuid()
+        self.truth.orgs.append((oid, name))
+        return (
+            "Organization",
+            oid,
+            {
+                "resourceType": "Organization",
+                "identifier": [{"system": ORG_SYSTEM, "value": f"ORG{i + 1:03d}"}],
+                "active": True,
+                "type": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/organization-type",
+                                "code": "prov",
+                                "display": "Healthcare Provider",
+                            }
+                        ]
+                    }
+                ],
+                "name": name,
+                "alias": [city_cn + kind_cn],
+                "address": [{"city": city, "country": "CN"}],
+            },
+        )
+
+    def patient(self, n: int, org: int) -> tuple[str, str, dict]:
+        r, t = self.rng, self.truth
+        pid = self.uuid()
+        mrn = f"MRN{n + 1:08d}"
+        if r.random() < 0.6:  # a Chinese name, often with its pinyin as well
+            k = bisect.bisect(self.surname_cum, r.random() * self.surname_cum[-1])
+            family, family_py, _ = SURNAMES[min(k, len(SURNAMES) - 1)]
+            given, given_py = r.choice(GIVEN_CN)
+            names: list[dict] = [
+                {"use": "official", "text": family + given, "family": family, "given": [given]}
+            ]
+            parts = [family, given, family + given]
+            if r.random() < 0.7:
+                names.append({"use": "usual", "family": family_py, "given": [given_py]})
+                parts += [family_py, given_py]
+            t.cjk_family.append(family)
+        else:
+            family = r.choice(FAMILY_LATIN)
+            given_names = r.sample(GIVEN_LATIN, r.choice([1, 1, 2]))
+            names = [{"use": "official", "family": family, "given": given_names}]
+            parts = [family, *given_names]
+            t.cjk_family.append("")
+        born = dt.date(1930, 1, 1) + dt.timedelta(days=r.randrange(94 * 365))
+        t.patient_ids.append(pid)
+        t.mrn.append(mrn)
+        t.org_of.append(org)
+        t.birth.append(born.isoformat())
+        t.tokens.append(tuple(dict.fromkeys(fold(p) for p in parts)))
+        return (
+            "Patient",
+            pid,
+            {
+                "resourceType": "Patient",
+                "identifier": [
+                    {
+                        "use": "usual",
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                    "code": "MR",
+                                }
+                            ]
+                        },
+                        "system": MRN_SYSTEM,
+                        "value": mrn,
+                    }
+                ],
+                "active": True,
+                "name": names,
+                "telecom": [{"system": "phone", "value": f"+86 1{r.randrange(10**10):010d}"}],
+                "gender": r.choice(["female", "male"]),
+                "birthDate": born.isoformat(),
+                "managingOrganization": {"reference": f"Organization/{t.orgs[org][0]}"},
+            },
+        )
+
+    def observation(self, patient: int) -> tuple[str, str, dict]:
+        r, t = self.rng, self.truth
+        k = bisect.bisect(self.code_cum, r.random() * self.code_cum[-1])
+        k = min(k, len(CODES) - 1)
+        code, display, unit, mean, sd, decimals, category, _ = CODES[k]
+        oid = self.uuid()
+        seconds = r.randrange(EFFECTIVE_SPAN)
+        when = EFFECTIVE_FROM + dt.timedelta(seconds=seconds)
+        obs: dict[str, Any] = {
+            "resourceType": "Observation",
+            "status": "final" if r.random() < 0.9 else "amended",
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": CATEGORY_SYSTEM,
+                            "code": category,
+                            "display": category.replace("-", " ").title(),
+                        }
+                    ]
+                }
+            ],
+            "code": {
+                "coding": [{"system": LOINC_SYSTEM, "code": code, "display": display}],
+                "text": display,
+            },
+            "subject": {"reference": f"Patient/{t.patient_ids[patient]}"},
+            "effectiveDateTime": when.astimezone(CHINA).isoformat(),
+        }
+        mol = math.nan
+        if unit is None:
+            obs["valueCodeableConcept"] = {
+                "coding": [
+                    {
+                        "system": "http://snomed.info/sct",
+                        "code": "260415000",
+                        "display": "Not detected",
+                    }
+                ]
+            }
+        else:
+            value = round(max(0.0, r.gauss(mean, sd)), decimals)
+            if decimals == 0:
+                value = int(value)
+            if unit in MOLAR:
+                mol = value * MOLAR[unit]
+            obs["valueQuantity"] = {"value": value, "unit": unit, "system": UCUM, "code": unit}
+        index = len(t.obs_ids)
+        t.obs_ids.append(oid)
+        t.obs_patient.append(patient)
+        t.obs_code.append(k)
+        t.obs_when.append(when.timestamp())
+        t.obs_mol.append(mol)
+        t.by_patient[patient].append(index)
+        return "Observation", oid, obs
+
+
+# --------------------------------------------------------------------------- loading
+def registry_fingerprint() -> str:
+    from hie.fhir.search.registry import Registry
+
+    return Registry().fingerprint()
+
+
+def schema_digest() -> str:
+    from hie.store import sqlite
+
+    text = f"{sqlite.SCHEMA_VERSION}\n" + "\n".join(sqlite.SCHEMA)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def manifest_key(seed: int, size: int) -> dict[str, Any]:
+    return {
+        "generator": GENERATOR_VERSION,
+        "seed": seed,
+        "size": size,
+        "registry": registry_fingerprint(),
+        "schema": schema_digest(),
+    }
+
+
+async def load(data_dir: Path, gen: Generator, batch_size: int) -> dict[str, Any]:
+    """Fill ``data_dir`` through FhirService.new_write + SqliteStore.commit; returns
+    load statistics. Building the next batch overlaps the commit of the last one."""
+    from hie.config import Settings
+    from hie.fhir.search.engine import FINGERPRINT_KEY
+    from hie.fhir.search.registry import Registry
+    from hie.fhir.service import FhirService
+    from hie.store.sqlite import SqliteStore
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(data_dir, synchronous="OFF")
+    await store.open()
+    # A big page cache for the loading connection only (a private attribute: this is
+    # a benchmark loader, not a server setting). The server opens its own connections.
+    await store._run_write(lambda: store._write_conn.execute("PRAGMA cache_size=-1048576"))
+    registry = Registry()
+    service = FhirService(store, Settings(data_dir=data_dir), registry)
+    t0 = time.perf_counter()
+    build_s = 0.0
+    done = 0
+    pending: asyncio.Task | None = None
+    batch: list = []
+    next_log = time.perf_counter() + 30
+    try:
+        for type_, id_, body in gen.resources():
+            b0 = time.perf_counter()
+            batch.append(service.new_write(type_, id_, body, None, "POST"))
+            build_s += time.perf_counter() - b0
+            if len(batch) >= batch_size:
+                if pending is not None:
+                    await pending
+                done += len(batch)
+                pending = asyncio.ensure_future(store.commit(batch))
+                batch = []
+                if time.perf_counter() > next_log:
+                    rate = done / (time.perf_counter() - t0)
+                    log(f"  loaded {done:,} / {gen.size:,} ({rate:,.0f} res/s)")
+                    next_log = time.perf_counter() + 30
+        if pending is not None:
+            await pending
+        await store.commit(batch)
+        done += len(batch)
+        await store.save_snapshot(FINGERPRINT_KEY, [registry.fingerprint()], FOREVER)
+        seconds = time.perf_counter() - t0
+        await store._run_write(lambda: store._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    finally:
+        await store.close()
+    return {
+        "resources": done,
+        "seconds": round(seconds, 1),
+        "res_per_s": round(done / seconds),
+        "build_seconds": round(build_s, 1),
+        "batch": batch_size,
+    }
+
+
+def db_mib(data_dir: Path) -> float:
+    return round(sum(f.stat().st_size for f in data_dir.glob("hie.sqlite3*")) / 2**20, 1)
+
+
+def prepare(args: argparse.Namespace, size: int) -> tuple[Path, Truth, dict]:
+    """The data directory of ``size`` (loaded now, or reused) and its truth."""
+    root = args.cache_dir / f"{size}-seed{args.seed}"
+    data_dir = root / "data"
+    manifest_path = root / "manifest.json"
+    key = manifest_key(args.seed, size)
+    gen = Generator(args.seed, size)
+    if args.reuse and manifest_path.exists():
+        manifest = orjson.loads(manifest_path.read_bytes())
+        if manifest.get("key") == key and (data_dir / "hie.sqlite3").exists():
+            log(f"size {size:,}: reusing {data_dir} (loaded {manifest['loaded_at']})")
+            for _ in gen.resources():  # regenerate the truth only
+                pass
+            return data_dir, gen.truth, manifest
+        log(f"size {size:,}: cached data is stale ({manifest.get('key')} != {key}); reloading")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    log(f"size {size:,}: loading into {data_dir} (batches of {args.batch:,}, synchronous=OFF)")
+    stats = run_async(load(data_dir, gen, args.batch))
+    stats["db_mib"] = db_mib(data_dir)
+    log(
+        f"size {size:,}: loaded {stats['resources']:,} in {stats['seconds']:.0f} s "
+        f"({stats['res_per_s']:,} res/s; {stats['db_mib']:,.0f} MiB)"
+    )
+    manifest = {
+        "key": key,
+        "loaded_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": stats,
+        "counts": gen.truth.counts(),
+    }
+    manifest_path.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return data_dir, gen.truth, manifest
+
+
+# --------------------------------------------------------------------------- queries
+Params = list[tuple[str, str]]
+
+
+@dataclass
+class Case:
+    """One request of a query shape: its URL parameters and what the answer must be."""
+
+    params: Params
+    expect: dict[str, Any]
+    url: str | None = None  # an absolute URL (the next link) instead of type + params
+
+
+@dataclass
+class Shape:
+    """A query shape of the mix."""
+
+    name: str
+    type: str
+    example: str
+    single: bool  # an indexed single-parameter search (the 50 ms target applies)
+    make: Callable[[random.Random], Case]
+    check: Callable[[dict, dict], str | None]
+
+
+def _entries(bundle: dict, mode: str = "match") -> list[dict]:
+    return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode]
+
+
+def _ids(bundle: dict, mode: str = "match") -> list[str]:
+    return [r["id"] for r in _entries(bundle, mode)]
+
+
+def _total(bundle: dict, expected: int) -> str | None:
+    if "total" in bundle and bundle["total"] != expected:
+        return f"total {bundle['total']} != expected {expected}"
+    return None
+
+
+def _page(bundle: dict, expected: int, count: int) -> str | None:
+    got = len(_ids(bundle))
+    if got != min(expected, count):
+        return f"{got} matches on the page, expected {min(expected, count)}"
+    return _total(bundle, expected)
+
+
+class Mix:
+    """The fixed mix of query shapes over one generated data set."""
+
+    def __init__(self, truth: Truth):
+        self.t = t = truth
+        self.code_counts = Counter(t.obs_code)
+        self.patient_index = {pid: n for n, pid in enumerate(t.patient_ids)}
+        self.prefix_counts: Counter = Counter()
+        for tokens in t.tokens:
+            self.prefix_counts.update({tok[:2] for tok in tokens if len(tok) >= 2})
+        self.family_counts = Counter(f[0] for f in t.cjk_family if f)
+        self.org_obs = Counter()
+        for p in t.obs_patient:
+            self.org_obs[t.org_of[p]] += 1
+        rare = CODES.index(next(c for c in CODES if c[0] == RARE_CODE))
+        self.rare_index = rare
+        self.rare_patients = {t.obs_patient[i] for i, k in enumerate(t.obs_code) if k == rare}
+        self.born_1990 = sum(1 for b in t.birth if b >= "1990-01-01")
+        self.mol_over = sum(1 for v in t.obs_mol if v > 5.5)
+        self.broad_codes = [k for k, c in enumerate(CODES) if c[0] != RARE_CODE]
+        self.next_links: list[tuple[str, int, set[str]]] = []  # (url, code index, page 1)
+        self.obs_code_by_id: dict[str, int] | None = None
+
+    def code_of(self, oid: str) -> int:
+        if self.obs_code_by_id is None:
+            self.obs_code_by_id = dict(zip(self.t.obs_ids, self.t.obs_code, strict=True))
+        return self.obs_code_by_id.get(oid, -1)
+
+    def shapes(self) -> list[Shape]:
+        t = self.t
+
+        def patient(rng: random.Random) -> int:
+            return rng.randrange(len(t.patient_ids))
+
+        def obs_of(n: int) -> set[str]:
+            return {t.obs_ids[i] for i in t.by_patient[n]}
+
+        # -- identifier
+        def ident(rng):
+            n = patient(rng)
+            return Case([("identifier", f"{MRN_SYSTEM}|{t.mrn[n]}")], {"ids": [t.patient_ids[n]]})
+
+        def check_exact(b, e):
+            got = _ids(b)
+            return None if got == e["ids"] else f"got {got[:3]}, expected {e['ids']}"
+
+        # -- token, broad
+        def code(rng, extra=()):
+            k = rng.choice(self.broad_codes)
+            params = [("code", f"{LOINC_SYSTEM}|{CODES[k][0]}"), *extra, ("_count", "20")]
+            return Case(params, {"code": k, "n": self.code_counts[k], "count": 20})
+
+        def check_code(b, e):
+            bad = [i for i in _ids(b) if self.code_of(i) != e["code"]]
+            if bad:
+                return f"{len(bad)} matches with another code"
+            return _page(b, e["n"], e["count"])
+
+        def check_code_total(b, e):
+            if b.get("total") is None:
+                return "no total with _total=accurate"
+            return check_code(b, e)
+
+        # -- reference + date sort, chain: the Observations of one Patient
+        def subject_sorted(rng):
+            n = patient(rng)
+            params = [("subject", f"Patient/{t.patient_ids[n]}"), ("_sort", "-date")]
+            return Case(params, {"patient": n, "ids": obs_of(n), "sorted": True})
+
+        def check_obs_of(b, e):
+            got = _ids(b)
+            if set(got) != e["ids"] or len(got) != len(e["ids"]):
+                return f"{len(got)} Observations, expected {len(e['ids'])} of that Patient"
+            if e.get("sorted"):
+                when = [_instant(r["effectiveDateTime"]) for r in _entries(b)]
+                if when != sorted(when, reverse=True):
+                    return "not sorted by -date"
+            if e.get("include"):
+                inc = _ids(b, "include")
+                if inc != [t.patient_ids[e["patient"]]]:
+                    return f"included {inc}, expected the subject"
+            return None
+
+        def chain(rng):
+            n = patient(rng)
+            params = [("subject:Patient.identifier", f"{MRN_SYSTEM}|{t.mrn[n]}")]
+            return Case(params, {"patient": n, "ids": obs_of(n)})
+
+        def include(rng):
+            n = patient(rng)
+            params = [
+                ("subject", f"Patient/{t.patient_ids[n]}"),
+                ("_include", "Observation:subject"),
+            ]
+            return Case(params, {"patient": n, "ids": obs_of(n), "include": True})
+
+        # -- strings
+        prefixes = sorted(p for p, c in self.prefix_counts.items() if c and p.isascii())
+        cjk_prefixes = sorted(p for p, c in self.prefix_counts.items() if not p.isascii())
+
+        def name(rng):
+            p = rng.choice(prefixes if rng.random() < 0.6 else cjk_prefixes or prefixes)
+            return Case([("name", p)], {"prefix": p, "n": self.prefix_counts[p], "count": 50})
+
+        def check_name(b, e):
+            for r in _entries(b):
+                parts = [fold(x) for nm in r.get("name", []) for x in _name_parts(nm)]
+                if not any(x.startswith(e["prefix"]) for x in parts):
+                    return f"Patient/{r['id']} has no name starting with {e['prefix']!r}"
+            return _page(b, e["n"], e["count"])
+
+        families = sorted(self.family_counts)
+
+        def family(rng):
+            f = rng.choice(families)
+            return Case([("family", f)], {"family": f, "n": self.family_counts[f], "count": 50})
+
+        def check_family(b, e):
+            for r in _entries(b):
+                if not any(nm.get("family", "").startswith(e["family"]) for nm in r["name"]):
+                    return f"Patient/{r['id']} has another family name"
+            return _page(b, e["n"], e["count"])
+
+        # -- two-level chain
+        def chain2(rng):
+            k = rng.randrange(len(t.orgs))
+            params = [("subject:Patient.organization.name", t.orgs[k][1]), ("_count", "20")]
+            return Case(params, {"n": self.org_obs[k], "count": 20})
+
+        def check_total(b, e):
+            return _page(b, e["n"], e["count"])
+
+        # -- _has
+        def has(rng):
+            params = [("_has:Observation:subject:code", RARE_CODE), ("_count", "20")]
+            return Case(params, {"n": len(self.rare_patients), "count": 20})
+
+        def check_has(b, e):
+            bad = [i for i in _ids(b) if self.patient_index.get(i) not in self.rare_patients]
+            return f"{len(bad)} Patients without the code" if bad else check_total(b, e)
+
+        # -- date, quantity
+        def birthdate(rng):
+            params = [("birthdate", "ge1990-01-01"), ("_count", "20")]
+            return Case(params, {"n": self.born_1990, "count": 20})
+
+        def check_birth(b, e):
+            if any(r["birthDate"] < "1990-01-01" for r in _entries(b)):
+                return "a Patient born before 1990"
+            return check_total(b, e)
+
+        def quantity(rng):
+            params = [("value-quantity", f"gt5.5|{UCUM}|mmol/L"), ("_count", "20")]
+            return Case(params, {"n": self.mol_over, "count": 20})
+
+        def check_quantity(b, e):
+            for r in _entries(b):
+                q = r.get("valueQuantity", {})
+                if q.get("code") not in MOLAR or q["value"] * MOLAR[q["code"]] <= 5.5:
+                    return f"Observation/{r['id']} has {q.get('value')} {q.get('code')}"
+            return check_total(b, e)
+
+        # -- the second page of a broad search
+        def next_page(rng):
+            url, k, first = rng.choice(self.next_links)
+            return Case([], {"code": k, "n": self.code_counts[k], "first": first}, url=url)
+
+        def check_next(b, e):
+            got = _ids(b)
+            if len(got) != min(20, e["n"] - 20):
+                return f"{len(got)} matches on page 2"
+            if set(got) & e["first"]:
+                return "page 2 repeats page 1"
+            if any(self.code_of(i) != e["code"] for i in got):
+                return "a match with another code"
+            total = b.get("total")
+            if total is not None and total != e["n"]:
+                return f"note: page 2 says total {total}, page 1 said {e['n']}"
+            return None
+
+        loinc = f"code={LOINC_SYSTEM}|<code>"
+        return [
+            Shape("identifier", "Patient", f"identifier={MRN_SYSTEM}|<mrn>", True, ident,
+                  check_exact),
+            Shape("token (broad)", "Observation", f"{loinc}&_count=20", True, code, check_code),
+            Shape("reference + sort", "Observation", "subject=Patient/<id>&_sort=-date", True,
+                  subject_sorted, check_obs_of),
+            Shape("string prefix", "Patient", "name=<2 chars>", True, name, check_name),
+            Shape("CJK family", "Patient", "family=<张>", True, family, check_family),
+            Shape("birthdate", "Patient", "birthdate=ge1990-01-01&_count=20", True, birthdate,
+                  check_birth),
+            Shape("quantity", "Observation", f"value-quantity=gt5.5|{UCUM}|mmol/L&_count=20",
+                  True, quantity, check_quantity),
+            Shape("chain", "Observation", f"subject:Patient.identifier={MRN_SYSTEM}|<mrn>",
+                  False, chain, check_obs_of),
+            Shape("chain, 2 levels", "Observation",
+                  "subject:Patient.organization.name=<org>&_count=20", False, chain2,
+                  check_total),
+            Shape("_include", "Observation",
+                  "subject=Patient/<id>&_include=Observation:subject", False, include,
+                  check_obs_of),
+            Shape("_has", "Patient", f"_has:Observation:subject:code={RARE_CODE}&_count=20",
+                  False, has, check_has),
+            Shape("_total=accurate", "Observation", f"{loinc}&_total=accurate&_count=20",
+                  False, lambda rng: code(rng, [("_total", "accurate")]), check_code_total),
+            Shape("next page", "Observation", "the next link of the token search", False,
+                  next_page, check_next),
+        ]  # fmt: skip
+
+
+def _name_parts(name: dict) -> list[str]:
+    parts = [name.get("family", ""), *name.get("given", []), name.get("text", "")]
+    return [p for p in parts if p]
+
+
+def _instant(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# --------------------------------------------------------------------------- measuring
+@dataclass
+class Stat:
+    """Latencies of one query shape (or its baseline) at one size, in ms."""
+
+    n: int
+    p50: float
+    p95: float
+    mean: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Stat:
+        ms = sorted(s * 1e3 for s in seconds)
+        mean = sum(ms) / len(ms) if ms else math.nan
+        return cls(len(ms), percentile(ms, 0.5), percentile(ms, 0.95), mean)
+
+
+@dataclass
+class Row:
+    size: int
+    shape: str
+    example: str
+    single: bool
+    http: Stat
+    read: Stat
+    cpu_ms: float | None  # server CPU per query (the read's excluded)
+    read_cpu_ms: float | None
+    other_cores: float | None
+    matches: float  # mean number of matches (the true count)
+    errors: int
+    first_error: str | None
+    notes: dict[str, int] = field(default_factory=dict)  # deviations that are not errors
+    engine: Stat | None = None
+    store: Stat | None = None
+
+
+def proc_cpu(pid: int) -> float:
+    """User+system CPU seconds of one process (all its threads)."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        data = fh.read()
+    rest = data[data.rindex(b")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Runner:
+    """One size: the server, the HTTP phases and the in-process phases."""
+
+    def __init__(self, args: argparse.Namespace, size: int, data_dir: Path, truth: Truth):
+        self.args, self.size, self.data_dir, self.truth = args, size, data_dir, truth
+        self.mix = Mix(truth)
+        self.server: Server | None = None
+        self.rows: list[Row] = []
+        self.cases: dict[str, list[Case]] = {}
+
+    def env(self) -> dict[str, str]:
+        return clean_env(HIE_DATA_DIR=str(self.data_dir), HIE_AUTH="on")
+
+    def start(self) -> None:
+        minted = subprocess.run(
+            [*hie_executable(), "token", "--data-dir", str(self.data_dir), "--ttl", "86400"],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        self.token = minted.stdout.strip().splitlines()[-1]
+        port = free_port()
+        argv = [*hie_executable(), "serve", "--host", HOST, "--port", str(port)]
+        argv += ["--data-dir", str(self.data_dir)]
+        log_path = self.data_dir.parent / "hie.log"
+        self.server = Server("hie serve", argv, self.env(), port, log_path)
+        self.server.start(timeout=300)
+        self.base = f"{self.server.url}/fhir"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def http(self) -> None:
+        import httpx
+
+        args, rng = self.args, random.Random(self.args.seed + self.size)
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": FHIR_JSON}
+        pid = self.server.proc.pid
+        with httpx.Client(base_url=self.base, headers=headers, timeout=600) as client:
+
+            def get(case: Case, type_: str) -> tuple[float, httpx.Response]:
+                t0 = time.perf_counter()
+                if case.url:
+                    r = client.get(case.url)
+                else:
+                    r = client.get(f"/{type_}", params=case.params)
+                return time.perf_counter() - t0, r
+
+            self.collect_next_links(client)
+            for shape in self.mix.shapes():
+                cases = [shape.make(rng) for _ in range(args.warmup + args.runs)]
+                self.cases[shape.name] = cases[args.warmup :]
+                reads = [rng.choice(self.truth.patient_ids) for _ in cases]
+                q_lat, r_lat, q_cpu, r_cpu = [], [], 0.0, 0.0
+                errors, first, notes = 0, None, Counter()
+                busy0, own0 = machine_busy_seconds(), time.process_time()
+                t_start = time.perf_counter()
+                for i, (case, rid) in enumerate(zip(cases, reads, strict=True)):
+                    warm = i < args.warmup
+                    c0 = proc_cpu(pid)
+                    seconds, r = get(case, shape.type)
+                    c1 = proc_cpu(pid)
+                    problem = None
+                    if r.status_code != 200:
+                        problem = f"HTTP {r.status_code}: {r.text[:200]}"
+                    else:
+                        problem = shape.check(orjson.loads(r.content), case.expect)
+                    if problem and problem.startswith("note: "):
+                        notes[problem[6:]] += 1
+                    elif problem:
+                        errors += 1
+                        first = first or f"{case.url or case.params}: {problem}"
+                    t0 = time.perf_counter()
+                    rr = client.get(f"/Patient/{rid}")
+                    read_s = time.perf_counter() - t0
+                    c2 = proc_cpu(pid)
+                    if rr.status_code != 200:
+                        errors += 1
+                        first = first or f"read: HTTP {rr.status_code}"
+                    if warm:
+                        continue
+                    q_lat.append(seconds)
+                    r_lat.append(read_s)
+                    q_cpu += c1 - c0
+                    r_cpu += c2 - c1
+                    if i >= args.warmup + 20 and time.perf_counter() - t_start > args.max_seconds:
+                        self.cases[shape.name] = cases[args.warmup : i + 1]
+                        break
+                elapsed = time.perf_counter() - t_start
+                busy1, own = machine_busy_seconds(), time.process_time() - own0
+                n = len(q_lat)
+                other = None
+                if busy0 is not None and busy1 is not None:  # neither us nor the server
+                    other = max(0.0, (busy1 - busy0 - own - q_cpu - r_cpu) / elapsed)
+                matches = sum(c.expect.get("n", len(c.expect.get("ids", ()))) for c in cases)
+                row = Row(
+                    size=self.size,
+                    shape=shape.name,
+                    example=f"{shape.type}?{shape.example}",
+                    single=shape.single,
+                    http=Stat.of(q_lat),
+                    read=Stat.of(r_lat),
+                    cpu_ms=q_cpu * 1e3 / n if n else None,
+                    read_cpu_ms=r_cpu * 1e3 / n if n else None,
+                    other_cores=other,
+                    matches=matches / len(cases),
+                    errors=errors,
+                    first_error=first,
+                    notes=dict(notes),
+                )
+                self.rows.append(row)
+                log(
+                    f"  {shape.name:18} n={n:3} p50 {row.http.p50:8.2f} p95 {row.http.p95:8.2f} ms"
+                    f" | read p50 {row.read.p50:5.2f} | cpu {row.cpu_ms or 0:7.2f} ms"
+                    + (f" | {errors} ERRORS: {first}" if errors else "")
+                )
+
+    def collect_next_links(self, client) -> None:
+        """A ``next`` link of the broad token search for each code (their paging
+        snapshots outlive the run of the next-page shape)."""
+        for k in self.mix.broad_codes:
+            params = [("code", f"{LOINC_SYSTEM}|{CODES[k][0]}"), ("_count", "20")]
+            r = client.get("/Observation", params=params)
+            r.raise_for_status()
+            bundle = orjson.loads(r.content)
+            link = next((x["url"] for x in bundle.get("link", []) if x["relation"] == "next"), None)
+            if link:
+                self.mix.next_links.append((link, k, set(_ids(bundle))))
+        if not self.mix.next_links:
+            raise RuntimeError("no next link: the token searches fit on one page")
+
+    async def in_process(self) -> None:
+        """The same cases through the search engine and the store, server idle."""
+        from hie.config import Settings
+        from hie.fhir.search.registry import Registry
+        from hie.fhir.service import FhirService
+        from hie.store.sqlite import SqliteStore
+
+        settings = Settings(data_dir=self.data_dir)
+        store = SqliteStore(self.data_dir)
+        await store.open()
+        try:
+            service = FhirService(store, settings, Registry())
+            by_name = {r.shape: r for r in self.rows if r.size == self.size}
+            self.snapshots = {}  # code index -> a fresh paging snapshot key
+            for k in self.mix.broad_codes:
+                params = [("code", f"{LOINC_SYSTEM}|{CODES[k][0]}"), ("_count", "20")]
+                req = service.parse("Observation", params, strict=True, base=self.base)
+                found = await service.engine.search({"Observation": req.query}, req)
+                self.snapshots[k] = found.snapshot
+            for shape in self.mix.shapes():
+                engine_s, store_s = [], []
+                cases = self.cases[shape.name]
+                for case in cases[: self.args.warmup] + cases:
+                    e, s = await self.one_in_process(service, store, shape, case)
+                    engine_s.append(e)
+                    store_s.append(s)
+                row = by_name[shape.name]
+                row.engine = Stat.of(engine_s[self.args.warmup :])
+                row.store = Stat.of(store_s[self.args.warmup :])
+                log(
+                    f"  {shape.name:18} engine p50 {row.engine.p50:8.2f} p95 {row.engine.p95:8.2f}"
+                    f" | store page p50 {row.store.p50:8.2f} p95 {row.store.p95:8.2f} ms"
+                )
+        finally:
+            await store.close()
+
+    async def one_in_process(self, service, store, shape: Shape, case: Case):
+        """Seconds of (the engine's first page incl. includes, match_ids of the page)."""
+        perf = time.perf_counter
+        if case.url:
+            q = dict(parse_qsl(urlsplit(case.url).query))
+            key, offset, count = (
+                self.snapshots[case.expect["code"]],
+                int(q["_getpagesoffset"]),
+                int(q["_count"]),
+            )
+            t0 = perf()
+            await service.engine.page(key, offset, count)
+            t1 = perf()
+            await store.load_snapshot(key, offset, count)
+            return t1 - t0, perf() - t1
+        req = service.parse(shape.type, case.params, strict=True, base=self.base)
+        t0 = perf()
+        found = await service.engine.search({shape.type: req.query}, req)
+        if req.includes:
+            await service.engine.includes(found.matches, req.includes, lambda _t: True)
+        t1 = perf()
+        await store.match_ids(shape.type, req.query, sort=req.sort, limit=req.count)
+        return t1 - t0, perf() - t1
+
+
+# --------------------------------------------------------------------------- report
+def _lat(s: Stat | None) -> str:
+    return "n/a" if s is None or not s.n else f"{fmt_ms(s.p50)} / {fmt_ms(s.p95)}"
+
+
+def _x(a: float, b: float) -> str:
+    return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:,.1f}×"
+
+
+def report(
+    rows: list[Row], sizes: list[int], manifests: dict[int, dict], info: dict, argv: list[str]
+) -> str:
+    out = ["# HIE search benchmark", "", f"Command: `{' '.join(argv)}`", ""]
+    out.append(
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['ram_gib']} GiB RAM, "
+        f"Python {info['python']}, SQLite {info['sqlite']}, {info['event_loop']}; "
+        f"hie {info['hie_revision']}; {info['date']}."
+    )
+    out += [
+        "",
+        "| size | resources (Org / Patient / Observation) | on disk | load |",
+        "|---|---|---|---|",
+    ]
+    for size in sizes:
+        m = manifests[size]
+        c, load_ = m["counts"], m["load"]
+        out.append(
+            f"| {size:,} | {c['Organization']:,} / {c['Patient']:,} / {c['Observation']:,} "
+            f"| {m.get('db_mib', load_.get('db_mib', 0)):,.0f} MiB "
+            f"| {load_['seconds']:,.0f} s, {load_['res_per_s']:,} res/s ({m['loaded_at']}) |"
+        )
+    for size in sizes:
+        out += [
+            "",
+            f"## {size:,} resources",
+            "",
+            "| query | matches | HIE p50 / p95 ms | read p50 / p95 ms | HIE / read p50 · p95 "
+            "| engine p50 / p95 ms | store page p50 / p95 ms | server CPU ms/query | n | check |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r.size == size):
+            ratio = f"{_x(r.http.p50, r.read.p50)} · {_x(r.http.p95, r.read.p95)}"
+            cpu = "n/a" if r.cpu_ms is None else f"{r.cpu_ms:.1f}"
+            check = "ok" if not r.errors else f"**{r.errors} failed**"
+            if r.notes:
+                check += " (" + "; ".join(f"{k}: {v}×" for k, v in r.notes.items()) + ")"
+            out.append(
+                f"| {r.shape}: `{r.example}` | {r.matches:,.0f} | {_lat(r.http)} | {_lat(r.read)} "
+                f"| {ratio} | {_lat(r.engine)} | {_lat(r.store)} | {cpu} | {r.http.n} | {check} |"
+            )
+    out += ["", "## Growth of p95 with the data size", ""]
+    head = " | ".join(f"p95 {s:,}" for s in sizes)
+    out += [
+        f"| query | {head} | growth | HIE / read p95 at {sizes[-1]:,} | target |",
+        "|" + "---|" * (len(sizes) + 4),
+    ]
+    by = {(r.shape, r.size): r for r in rows}
+    for name in dict.fromkeys(r.shape for r in rows):
+        cells = [by.get((name, s)) for s in sizes]
+        p95 = [fmt_ms(c.http.p95) if c else "n/a" for c in cells]
+        first, last = cells[0], cells[-1]
+        growth = _x(last.http.p95, first.http.p95) if first and last else "n/a"
+        ratio = _x(last.http.p95, last.read.p95) if last else "n/a"
+        if last is None or not last.single:
+            verdict = "(no target)"
+        else:
+            ok = last.http.p95 <= TARGET_MS
+            verdict = f"≤ {TARGET_MS:.0f} ms: {'met' if ok else 'MISSED'}"
+        out.append(f"| {name} | {' | '.join(p95)} | {growth} | {ratio} | {verdict} |")
+    out += [
+        "",
+        "HIE = `GET` over HTTP (auth on, one request at a time, keep-alive); read = "
+        "`GET /fhir/Patient/{id}` right after each query; engine = the first page's store "
+        "work in-process (`SearchEngine.search` + includes: ids, paging snapshot, "
+        "total, reading the page); store page = one `SqliteStore.match_ids` for the "
+        "page only. Server CPU excludes the baseline read. growth = p95 at the largest "
+        "size / p95 at the smallest.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10k,100k,1m", help="data sizes (resources), ascending")
+    p.add_argument("--runs", type=int, default=150, help="measured requests per query shape")
+    p.add_argument("--warmup", type=int, default=5, help="unmeasured requests per shape first")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=90.0,
+        help="stop a shape's measurement after this long (at least 20 runs)",
+    )
+    p.add_argument("--seed", type=int, default=20240601, help="RNG seed of the data")
+    p.add_argument("--batch", type=int, default=BATCH, help="writes per commit when loading")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("/tmp/hie-bench-search"),
+        help="where the loaded data directories are kept (one per size and seed)",
+    )
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse a cached data directory when it matches"
+    )
+    p.add_argument("--load-only", action="store_true", help="load (or check) the data and stop")
+    p.add_argument("--no-in-process", action="store_true", help="skip the engine/store columns")
+    p.add_argument("--json", metavar="PATH", help="also write all figures as JSON to PATH")
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.sizes != sorted(args.sizes) or min(args.sizes) < 1000:
+        p.error("--sizes must be ascending and at least 1k")
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--runs >= 1, --warmup >= 0 and --batch >= 1 required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    info = machine_info()
+    rows: list[Row] = []
+    manifests: dict[int, dict] = {}
+    for size in args.sizes:
+        data_dir, truth, manifest = prepare(args, size)
+        manifest["db_mib"] = db_mib(data_dir)
+        manifests[size] = manifest
+        if args.load_only:
+            continue
+        runner = Runner(args, size, data_dir, truth)
+        try:
+            runner.start()
+            log(f"size {size:,}: measuring {args.runs} runs per query shape")
+            runner.http()
+        except BaseException:
+            if runner.server is not None and runner.server.proc is not None:
+                log(f"server log tail:\n{runner.server.tail()}")
+            raise
+        finally:
+            runner.stop()
+        if not args.no_in_process:
+            log(f"size {size:,}: in-process engine and store, server stopped")
+            run_async(runner.in_process())
+        rows += runner.rows
+        if "reindex" in runner.server.tail(200):
+            log("WARNING: the server reindexed at startup; figures are disturbed")
+    if args.load_only:
+        return 0
+    shown = ["scripts/bench_search.py", *(argv if argv is not None else sys.argv[1:])]
+    sys.stdout.write(report(rows, args.sizes, manifests, info, [".venv/bin/python", *shown]))
+    if args.json:
+        payload = {
+            "machine": info,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "data": {str(s): m for s, m in manifests.items()},
+            "rows": [asdict(r) for r in rows],
+            "notes": "latencies in ms",
+        }
+        Path(args.json).write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Terminology tables (data): UCUM, pinyin syllables, Chinese surname readings."""
