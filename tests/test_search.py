@@ -315,6 +315,27 @@ def test_reference_forms(find, data, client):
     assert find("Observation", subject="Patient/unknown") == set()
 
 
+def test_absolute_references_to_this_server_when_its_base_is_configured(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hie.app import create_app
+    from hie.config import Settings
+
+    base = "https://hie.example.cn/fhir"
+    app = create_app(Settings(data_dir=tmp_path, base_url=base))
+    with TestClient(app, base_url="http://hie.test") as c:
+        c.headers["Authorization"] = f"Bearer {app.state.tokens.mint('t', 'system/*.cruds', 60)}"
+        local = {"reference": f"{base}/Patient/p1"}
+        other = {"reference": "https://other-member.example/fhir/Patient/p1"}
+        for subject in (local, other):
+            obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+            assert c.post("/fhir/Observation", json={**obs, "subject": subject}).status_code == 201
+        got = c.get("/fhir/Observation", params={"subject": "Patient/p1"}).json()
+        assert [e["resource"]["subject"] for e in got["entry"]] == [local]
+        got = c.get("/fhir/Observation", params={"subject": other["reference"]}).json()
+        assert [e["resource"]["subject"] for e in got["entry"]] == [other]
+
+
 def test_uri_below_above(find):
     assert find("ValueSet", url="http://example.org/fhir/ValueSet/a/b") == {"vs1"}
     assert find("ValueSet", url="http://example.org/fhir") == set()
@@ -398,6 +419,15 @@ def test_include_revinclude_iterate(client, data):
     assert got == {"p1": "match", "o1": "include", "o2": "include"}
     got = entries(("/fhir/Observation", {"_id": data["o1"], "_include": "*"}))
     assert got == {"o1": "match", "p1": "include", "dr1": "include"}
+    # Everything referring to p1: its observations, risk assessment and encounter.
+    got = entries(("/fhir/Patient", {"_id": data["p1"], "_revinclude": "*"}))
+    assert got == {
+        "p1": "match",
+        "o1": "include",
+        "o2": "include",
+        "ra1": "include",
+        "e1": "include",
+    }
 
 
 def test_include_leaves_out_types_the_token_cannot_read(app, data, mint):
@@ -578,3 +608,112 @@ def test_capability_statement_lists_what_search_supports(client):
     assert "Patient:organization" in patient["searchInclude"]
     assert "Observation:subject" in patient["searchRevInclude"]
     assert {"code": "search-system"} in cs["rest"][0]["interaction"]
+
+
+def test_common_meta_parameters(client):
+    meta = {
+        "tag": [{"system": "urn:hie:member", "code": "clinic-7"}],
+        "profile": ["http://hie.example/StructureDefinition/cn-patient"],
+        "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}],
+        "source": "urn:hie:clinic-7#emr",
+    }
+    tagged = client.post("/fhir/Patient", json={"resourceType": "Patient", "meta": meta}).json()
+    client.post("/fhir/Patient", json={"resourceType": "Patient"})
+
+    def found(**params) -> list[str]:
+        return [
+            e["resource"]["id"] for e in client.get("/fhir/Patient", params=params).json()["entry"]
+        ]
+
+    assert found(_tag="urn:hie:member|clinic-7") == [tagged["id"]]
+    assert found(_profile="http://hie.example/StructureDefinition/cn-patient") == [tagged["id"]]
+    assert found(_security="HIV") == [tagged["id"]]
+    assert found(_source="urn:hie:clinic-7#emr") == [tagged["id"]]
+    newest_first = found(_sort="-_lastUpdated")
+    assert newest_first[1] == tagged["id"] and len(newest_first) == 2
+    assert found(_sort="_lastUpdated")[0] == tagged["id"]
+
+
+def test_reindex_requires_write_scope_and_names_unservable_parameters(client, mint):
+    reader = {"Authorization": f"Bearer {mint('system/*.rs')}"}
+    assert client.post("/fhir/$reindex", headers=reader).status_code == 403
+    bad = {
+        "resourceType": "SearchParameter",
+        "url": "http://hie.example/SearchParameter/bad",
+        "name": "bad",
+        "status": "active",
+        "description": "a date parameter on a name",
+        "code": "bad",
+        "base": ["Patient"],
+        "type": "date",
+        "expression": "Patient.name",
+    }
+    assert client.post("/fhir/SearchParameter", json=bad).status_code == 201
+    out = client.post("/fhir/Patient/$reindex").json()
+    skipped = [p["valueString"] for p in out["parameter"] if p["name"] == "skipped"]
+    assert len(skipped) == 1 and "SearchParameter/" in skipped[0]
+    assert client.post("/fhir/Nope/$reindex").status_code == 404
+    assert client.post("/fhir/$reindex", params={"x": "1"}).status_code == 400
+
+
+def test_system_search_orders_across_types(client, data):
+    names = {v: k for k, v in data.items()}
+
+    def order(**params) -> list[str]:
+        bundle = client.get("/fhir", params={"_type": "Patient,Organization", **params}).json()
+        return [names[e["resource"]["id"]] for e in bundle["entry"]]
+
+    created = ["org1", "org2", "p1", "p2", "p3", "p4", "p5"]  # load() order
+    assert order(_sort="_lastUpdated") == created
+    assert order() == created[::-1]  # default: newest first
+    assert (
+        client.get("/fhir", params={"_type": "Patient,Organization", "_sort": "name"}).status_code
+        == 400
+    )
+    assert client.get("/fhir", params={"_type": "Nope"}).status_code == 404
+
+
+def test_paging_past_the_first_chunk_extends_without_repeats_or_gaps(client, data, monkeypatch):
+    from hie.fhir.search import engine
+
+    monkeypatch.setattr(engine, "CHUNK", 2)  # the snapshot starts with 2 matches
+    names = {v: k for k, v in data.items()}
+    first = client.get("/fhir/Patient", params={"_sort": "birthdate", "_count": 1}).json()
+    assert "total" not in first  # not known until the search is complete
+    shown = [names[e["resource"]["id"]] for e in first["entry"]]
+    # Meanwhile a patient sorting first is created and p2 is updated.
+    new = client.post("/fhir/Patient", json={"resourceType": "Patient", "birthDate": "1900"})
+    names[new.json()["id"]] = "new"
+    p2 = client.get(f"/fhir/Patient/{data['p2']}").json()
+    client.put(f"/fhir/Patient/{data['p2']}", json={**p2, "active": True})
+    url = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    last = first
+    while url:
+        last = client.get(url).json()
+        shown += [names[e["resource"]["id"]] for e in last["entry"]]
+        url = next((x["url"] for x in last["link"] if x["relation"] == "next"), None)
+    assert len(shown) == len(set(shown))  # nothing twice
+    assert {"p1", "p2", "p3", "p4", "p5"} <= set(shown)  # nothing skipped
+    assert shown[:2] == ["p3", "p1"]  # the first chunk kept its order
+    assert last["total"] == len(shown)
+
+
+def test_paging_stops_at_the_configured_maximum(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hie.app import create_app
+    from hie.config import Settings
+
+    app = create_app(Settings(data_dir=tmp_path, auth=False, search_max_results=3))
+    with TestClient(app, base_url="http://hie.test") as c:
+        for year in range(1990, 1995):
+            c.post("/fhir/Patient", json={"resourceType": "Patient", "birthDate": str(year)})
+        page = c.get("/fhir/Patient", params={"_sort": "birthdate", "_count": 2}).json()
+        years = [e["resource"]["birthDate"] for e in page["entry"]]
+        nxt = next(x["url"] for x in page["link"] if x["relation"] == "next")
+        page = c.get(nxt).json()
+        years += [e["resource"]["birthDate"] for e in page["entry"]]
+        assert years == ["1990", "1991", "1992"]
+        assert not any(x["relation"] == "next" for x in page["link"])
+        total = c.get("/fhir/Patient", params={"_total": "accurate", "_count": 1}).json()
+        assert total["total"] == 5  # an exact count is still available

@@ -221,7 +221,7 @@ async def _search(
         )
         if summary == "count":
             req.count = 0
-        found = await service.search(principal, call.type, req, call.compartment)
+        found = await service.search(principal, call.type, req, call.compartment, base)
         includes = req.includes
         used = [(k, v) for k, v in req.used if k in _CARRIED]
         path = "/".join(p for p in (base, *(call.compartment or ()), call.type) if p)
@@ -247,7 +247,7 @@ async def _search(
         links.append(page("first", 0))
         if found.offset > 0:
             links.append(page("previous", max(found.offset - found.count, 0)))
-        if found.offset + found.count < found.length:
+        if found.more:
             links.append(page("next", found.offset + found.count))
     bundle["link"] = links
     bundle["entry"] = [

@@ -93,6 +93,7 @@ class FhirService:
         self.engine = SearchEngine(
             store,
             registry,
+            base=settings.base_url,
             max_results=settings.search_max_results,
             ttl=settings.search_snapshot_ttl,
         )
@@ -191,6 +192,7 @@ class FhirService:
         type_: str | None,
         req: SearchRequest,
         compartment: tuple[str, str] | None = None,
+        base: str | None = None,
     ) -> Found:
         """The first page of a search (type, system or compartment level)."""
         types = req.types
@@ -200,8 +202,22 @@ class FhirService:
             raise error(
                 400, "invalid", "Searches over several types sort only by _id or _lastUpdated"
             )
+        state = {
+            "type": type_,
+            "used": req.used,
+            "types": types,
+            "compartment": compartment,
+            "base": base,
+        }
+        found = await self.engine.search(self._queries(req, compartment), req, state)
+        if req.total == "none":
+            found.total = None
+        return found
+
+    def _queries(self, req: SearchRequest, compartment: tuple[str, str] | None) -> dict[str, Query]:
+        """One store query per type searched (compartment membership added)."""
         queries: dict[str, Query] = {}
-        for t in types:
+        for t in req.types:
             query = req.query
             if compartment is not None:
                 ref = f"{compartment[0]}/{compartment[1]}"
@@ -216,10 +232,22 @@ class FhirService:
                     continue
                 query = (AnyOf(links) if len(links) > 1 else links[0],) + query
             queries[t] = query
-        found = await self.engine.search(queries, req)
-        if req.total == "none":
-            found.total = None
-        return found
+        return queries
+
+    def _rebuild(self, state: dict) -> dict[str, Query]:
+        """The queries of a search from the state its snapshot keeps."""
+        compartment = tuple(state["compartment"]) if state["compartment"] else None
+        req = parse_search(
+            state["type"] if state["type"] != "*" else None,
+            [tuple(item) for item in state["used"]],
+            default_count=1,
+            max_count=1,
+            strict=False,
+            registry=self.registry,
+            types=state["types"],
+            base=state["base"],
+        )
+        return self._queries(req, compartment)
 
     async def search_page(
         self,
@@ -230,7 +258,7 @@ class FhirService:
         items: Sequence[tuple[str, str]],
     ) -> tuple[Found, list[Include]]:
         """A later page of a search, with the includes its links carry."""
-        found = await self.engine.page(key, offset, count)
+        found = await self.engine.page(key, offset, count, self._rebuild)
         for t in {v.type for v in found.matches}:
             require(principal, "s", t)
         carried = [(k, v) for k, v in items if k.startswith(("_include", "_revinclude"))]
@@ -371,7 +399,7 @@ class FhirService:
             stored = {"resourceType": type_, "id": id_, "meta": meta}
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
-            index = index_rows(stored, instant, self.registry)
+            index = index_rows(stored, instant, self.registry, self.settings.base_url)
         prev_version = prev.version if prev else 0
         return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
 

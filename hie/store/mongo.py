@@ -527,17 +527,15 @@ class MongoStore(Store):
         await self._ensure_indexes([type_], sort[:1])
         field = _sort_field(sort[0])
         stages, spec = _order(sort[1:])
-        spec = {field: -1 if sort[0].descending else 1} | spec
         having = [{"$match": {"$and": [match, {field: {"$exists": True}}]}}, *stages]
-        docs = await self._aggregate(type_, having, spec, limit, offset, projection)
+        first = {field: -1 if sort[0].descending else 1} | spec
+        docs = await self._aggregate(type_, having, first, limit, offset, projection)
         if len(docs) == limit:
             return docs
         before = offset + len(docs) if docs else await self._count(type_, having)
         without = [{"$match": {"$and": [match, {field: {"$exists": False}}]}}, *stages]
-        rest = limit - len(docs)
-        return docs + await self._aggregate(
-            type_, without, spec, rest, max(0, offset - before), projection
-        )
+        rest, skip = limit - len(docs), max(0, offset - before)
+        return docs + await self._aggregate(type_, without, spec, rest, skip, projection)
 
     async def _count(self, collection: str, pipeline: list[dict[str, Any]]) -> int:
         coll = self._db[collection]

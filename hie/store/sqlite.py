@@ -5,7 +5,8 @@ Tables: ``resources`` (current version of each resource, body included), ``histo
 (every version, ``seq`` gives commit order), ``search_index`` (index rows of current,
 non-deleted versions only; ``grp`` numbers a composite row within its resource),
 ``search_part`` (the components of composite rows, keyed by ``grp`` and ``part``),
-``snapshots``/``snapshot_refs`` (paging snapshots), ``outbox`` and ``counters``.
+``snapshots``/``snapshot_refs`` (paging snapshots), ``live_counts`` (live resources
+per type, kept by each commit), ``outbox`` and ``counters``.
 ``PRAGMA user_version`` holds the schema version; :func:`migrate` upgrades older files
 in place when the store opens.
 
@@ -27,7 +28,8 @@ in order instead, checking each resource until the page is full: by
 expression indexes ``search_asc``/``search_desc`` over a row's sort value for a
 parameter sort (the first time a resource's id comes up in that order is at its
 minimum, or its maximum descending), then the resources without a value. ``total``
-always counts the whole driver set, so it grows with the number of matches.
+counts the whole driver set (index-only, ids being in the value indexes), so it grows
+with the number of matches; an unfiltered total is read from ``live_counts``.
 
 Threading: one writer connection used from a single worker thread serialises commits;
 reads use per-thread reader connections from a small thread pool (WAL lets readers run
@@ -200,16 +202,17 @@ def migrate(conn: sqlite3.Connection) -> None:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{conn} has schema {version}, newer than this HIE knows")
+            raise StoreError(f"database schema {version} is newer than this HIE's {SCHEMA_VERSION}")
         columns = {row[1] for row in conn.execute("PRAGMA table_info(search_index)")}
-        if columns and "nlow" not in columns:  # schema 0: no numbers, composites, sorting
+        schema_0 = bool(columns) and "nlow" not in columns  # no numbers, composites, sorting
+        if schema_0:
             for column in ("nlow REAL", "nhigh REAL", "grp INTEGER"):
                 conn.execute(f"ALTER TABLE search_index ADD COLUMN {column}")
             for name in _CHANGED_IN_1:
                 conn.execute(f"DROP INDEX IF EXISTS {name}")
         for statement in SCHEMA:
             conn.execute(statement)
-        if version == 0 and columns:
+        if schema_0:
             conn.execute(
                 "INSERT INTO live_counts SELECT type, count(*) FROM resources"
                 " WHERE body IS NOT NULL GROUP BY type"
@@ -339,18 +342,16 @@ class _Compiler:
         if isinstance(term, Has):
             s = self._alias("s")
             prefix = f"{type_}/"
-            sql = (
-                f"SELECT substr({s}.text, {len(prefix) + 1}) AS id FROM search_index {s}"
-                f" WHERE {s}.type = ? AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ?"
-            )
-            params = [term.type, term.param, prefix, successor(prefix)]
+            hint, inner, iparams = "", "", []
             if term.query:  # follow the inner ids through the owner index
                 plan = self.plan(term.type, term.query)[0]
-                inner, iparams, _ = self.ids(term.type, term.query, plan)
-                sql = sql.replace(f"{s} WHERE", f"{s} INDEXED BY search_owner WHERE")
-                sql += f" AND {s}.id IN ({inner})"
-                params += iparams
-            return sql, params, False
+                sql, iparams, _ = self.ids(term.type, term.query, plan)
+                hint, inner = " INDEXED BY search_owner", f" AND {s}.id IN ({sql})"
+            sql = (
+                f"SELECT substr({s}.text, {len(prefix) + 1}) AS id FROM search_index {s}{hint}"
+                f" WHERE {s}.type = ? AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ?{inner}"
+            )
+            return sql, [term.type, term.param, prefix, successor(prefix), *iparams], False
         raise TypeError(f"no set form for query term {term!r}")
 
     def check(self, type_: str, id_expr: str, term: Term) -> Frag:

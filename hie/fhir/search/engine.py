@@ -1,10 +1,12 @@
 """Running a parsed search: matches, paging snapshots, includes and reindexing.
 
-Paging: the first request of a search asks the store for the ordered ids of all
-matches (up to ``search_max_results``, an index-only query) and, when they do not
-fit on one page, saves them as a *snapshot* under a random key. Later pages are
-read from the snapshot (``?_getpages=KEY&_getpagesoffset=N``), so concurrent writes
-cannot shift results between pages: no duplicates, no gaps. A page shows each
+Paging: the first request of a search asks the store for the ordered ids of its
+first :data:`CHUNK` matches (an index-only query) and, when they do not fit on one
+page, saves them as a *snapshot* under a random key. Later pages are read from the
+snapshot (``?_getpages=KEY&_getpagesoffset=N``), so concurrent writes cannot shift
+results between pages. A page past the snapshot's end runs the search again and
+appends the matches not yet in it: no resource is shown twice, and none that still
+matches is skipped (up to ``search_max_results`` per search). A page shows each
 resource's current version; one deleted since the search began is left out.
 Snapshots expire after ``search_snapshot_ttl`` seconds (then 410 Gone).
 
@@ -21,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import orjson
+
 from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import fmt
@@ -29,12 +33,17 @@ from hie.fhir.search.params import Include, SearchRequest
 from hie.fhir.search.registry import Registry
 from hie.fhir.types import served_types
 from hie.store import Store, Version
-from hie.store.query import Cond, Match, Query
+from hie.store.query import Cond, Match, Query, Sort
 
 #: Rounds of ``:iterate`` includes at most (cycles stop earlier: nothing new).
 MAX_ITERATE = 4
 #: Snapshot key holding the registry fingerprint the index was built with.
 FINGERPRINT_KEY = "_registry-fingerprint"
+#: Matches a search snapshot takes at first (it doubles on each extension): small,
+#: since a first page walks about CHUNK / selectivity index entries.
+CHUNK = 100
+#: Suffix of the snapshot key under which a search keeps what rebuilds its query.
+STATE_SUFFIX = ".state"
 
 
 @dataclass
@@ -48,54 +57,100 @@ class Found:
     count: int
     snapshot: str | None  # key of the paging snapshot, when there are more pages
     length: int  # how many matches the snapshot (or this page) holds
+    #: The snapshot cannot grow: it holds every match, or ``max_results`` of them.
+    complete: bool = True
+
+    @property
+    def more(self) -> bool:
+        """Whether a next page may exist."""
+        return self.offset + self.count < self.length or not self.complete
 
 
 class SearchEngine:
     """Search execution over a store with one registry of parameters."""
 
-    def __init__(self, store: Store, registry: Registry, *, max_results: int, ttl: int):
+    def __init__(
+        self, store: Store, registry: Registry, *, base: str | None, max_results: int, ttl: int
+    ):
         self.store = store
         self.registry = registry
+        self.base = base
         self.max_results = max_results
         self.ttl = ttl
 
-    async def search(self, queries: dict[str, Query], req: SearchRequest) -> Found:
+    async def search(self, queries: dict[str, Query], req: SearchRequest, state: dict) -> Found:
         """Run ``req`` over one query per resource type (one type for a type-level
-        search; several for system-level and compartment ``*`` searches)."""
-        limit = self.max_results
-        hits: list[tuple[str, str, str]] = []  # (last_updated, type, id)
-        for type_, query in queries.items():
-            got = await self.store.match_ids(type_, query, sort=req.sort, limit=limit + 1)
-            hits.extend((lu, type_, id_) for id_, lu in got)
-        if len(queries) > 1:
-            hits = _merge(hits, req.sort)
-        complete = len(hits) <= limit
-        hits = hits[:limit]
-        total: int | None = len(hits) if complete else None
-        if total is None and req.total == "accurate":
+        search; several for system-level and compartment ``*`` searches). ``state`` is
+        what :meth:`page` needs to rebuild ``queries`` when it extends the snapshot."""
+        want = req.offset + req.count
+        fetch = min(max(want, CHUNK), self.max_results)
+        hits = await self._hits(queries, req.sort, fetch + 1)
+        complete = len(hits) <= fetch
+        refs = hits[:fetch]
+        total: int | None = len(refs) if complete else None
+        if total is None and req.total in ("accurate", "estimate"):
             total = 0
             for type_, query in queries.items():
                 total += (await self.store.search(type_, query, count=0)).total
-        refs = [f"{t}/{i}" for _, t, i in hits]
         if req.count == 0:
             return Found([], [], total, 0, 0, None, len(refs))
         key = None
-        if len(refs) > req.offset + req.count:
+        if len(refs) > want or not complete:
             key = uuid.uuid4().hex
-            expires = fmt(datetime.now(UTC) + timedelta(seconds=self.ttl))
-            await self.store.save_snapshot(key, refs, expires)
-        page = refs[req.offset : req.offset + req.count]
-        matches = await self.read_refs(page)
-        return Found(matches, [], total, req.offset, req.count, key, len(refs))
+            state = {**state, "sort": [[k.param, k.descending] for k in req.sort]}
+            await self._save(key, refs, {**state, "complete": complete})
+        matches = await self.read_refs(refs[req.offset : want])
+        grows = not complete and len(refs) < self.max_results
+        return Found(matches, [], total, req.offset, req.count, key, len(refs), not grows)
 
-    async def page(self, key: str, offset: int, count: int) -> Found:
-        """A later page of a snapshot; 410 when it expired or never existed."""
-        got = await self.store.load_snapshot(key, offset, count)
+    async def page(
+        self,
+        key: str,
+        offset: int,
+        count: int,
+        rebuild: Callable[[dict], dict[str, Query]],
+    ) -> Found:
+        """A later page of a snapshot; 410 when it expired or never existed.
+
+        A snapshot first holds the matches of the first :data:`CHUNK`; a page beyond
+        them runs the search again and appends the matches not shown yet (so none is
+        shown twice, and none that still matches is skipped), until the search is
+        complete or holds ``max_results``."""
+        found = await self.store.load_snapshot(key + STATE_SUFFIX, 0, 1)
+        if found is None or not found[0]:
+            raise error(410, "not-found", "This search has expired; run it again")
+        state = orjson.loads(found[0][0])
+        got = await self.store.load_snapshot(key, 0, self.max_results)
         if got is None:
             raise error(410, "not-found", "This search has expired; run it again")
-        refs, length = got
-        matches = await self.read_refs(refs)
-        return Found(matches, [], length, offset, count, key, length)
+        refs = got[0]
+        if offset + count > len(refs) and not state["complete"]:
+            sort = tuple(Sort(p, d) for p, d in state["sort"])
+            fetch = min(max(offset + count, 2 * len(refs)), self.max_results)
+            hits = await self._hits(rebuild(state), sort, fetch + 1)
+            state["complete"] = len(hits) <= fetch
+            shown = set(refs)
+            refs = (refs + [r for r in hits if r not in shown])[: self.max_results]
+            await self._save(key, refs, state)
+        total = len(refs) if state["complete"] else None
+        matches = await self.read_refs(refs[offset : offset + count])
+        grows = not state["complete"] and len(refs) < self.max_results
+        return Found(matches, [], total, offset, count, key, len(refs), not grows)
+
+    async def _hits(self, queries: dict[str, Query], sort, limit: int) -> list[str]:
+        """``Type/id`` of the first ``limit`` matches of the per-type ``queries``."""
+        hits: list[tuple[str, str, str]] = []  # (last_updated, type, id)
+        for type_, query in queries.items():
+            got = await self.store.match_ids(type_, query, sort=sort, limit=limit)
+            hits.extend((lu, type_, id_) for id_, lu in got)
+        if len(queries) > 1:
+            hits = _merge(hits, sort)
+        return [f"{t}/{i}" for _, t, i in hits[:limit]]
+
+    async def _save(self, key: str, refs: list[str], state: dict) -> None:
+        expires = fmt(datetime.now(UTC) + timedelta(seconds=self.ttl))
+        await self.store.save_snapshot(key, refs, expires)
+        await self.store.save_snapshot(key + STATE_SUFFIX, [orjson.dumps(state).decode()], expires)
 
     async def read_refs(self, refs: Sequence[str]) -> list[Version]:
         """Current versions of ``Type/id`` references, in the order given."""
@@ -150,7 +205,7 @@ class SearchEngine:
             for code in self._reference_params(v.type, d.param):
                 param = self.registry.params(v.type)[code]
                 nodes = self.registry.extractor(v.type, code)(resource)
-                for row in value_rows(param, code, nodes):
+                for row in value_rows(param, code, nodes, self.base):
                     if row.param != code or not row.text or "://" in row.text:
                         continue
                     target = row.text.split("/", 1)[0]
@@ -188,9 +243,8 @@ class SearchEngine:
             after = None
             while batch := await self.store.scan(type_, after=after, limit=500):
                 for v in batch:
-                    rows = index_rows(
-                        jsonio.loads(v.body, trusted=True), v.last_updated, self.registry
-                    )
+                    resource = jsonio.loads(v.body, trusted=True)
+                    rows = index_rows(resource, v.last_updated, self.registry, self.base)
                     if await self.store.set_index(v.type, v.id, v.version, rows):
                         done += 1
                 after = batch[-1].id
@@ -202,15 +256,11 @@ def _served(ref: str) -> bool:
 
 
 def _merge(hits: list[tuple[str, str, str]], sort) -> list[tuple[str, str, str]]:
-    """Merge per-type hits of a multi-type search (sorted by last update, newest
-    first, or by ``_id``/``_lastUpdated`` as asked)."""
-    if not sort:
-        return sorted(hits, key=lambda h: (_neg(h[0]), h[1], h[2]))
-    key = sort[0]
-    if key.param == "_id":
+    """Merge the ``(last_updated, type, id)`` hits of a multi-type search: newest first
+    (ties by type and id), or by ``_id``/``_lastUpdated`` as asked."""
+    key = sort[0] if sort else None
+    if key is not None and key.param == "_id":
         return sorted(hits, key=lambda h: h[2], reverse=key.descending)
-    return sorted(hits, key=lambda h: (h[0], h[1], h[2]), reverse=key.descending)
-
-
-def _neg(instant: str) -> tuple[int, ...]:
-    return tuple(-ord(c) for c in instant)
+    ordered = sorted(hits, key=lambda h: (h[1], h[2]))
+    descending = key.descending if key is not None else True
+    return sorted(ordered, key=lambda h: h[0], reverse=descending)  # stable: ties keep order

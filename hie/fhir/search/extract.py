@@ -1,5 +1,8 @@
 """Index-value extraction: the search rows stored beside each resource version.
 
+Every row with both ends has ``low <= high`` and ``nlow <= nhigh`` (the search
+translator relies on it to bound index ranges on both sides).
+
 For every search parameter of the resource's type (from the registry) the
 parameter's FHIRPath expression is evaluated and each value is normalised by the
 parameter's type into :class:`~hie.store.query.IndexRow` values (column meanings in
@@ -37,9 +40,11 @@ MAX_INSTANT = "9999-12-31T23:59:59.999999Z"
 
 
 def index_rows(
-    resource: dict, last_updated: str, registry: Registry | None = None
+    resource: dict, last_updated: str, registry: Registry | None = None, base: str | None = None
 ) -> list[IndexRow]:
-    """The index rows of ``resource`` (whose version was written at ``last_updated``)."""
+    """The index rows of ``resource`` (whose version was written at ``last_updated``).
+    ``base``: this server's public base URL; absolute references under it are indexed as
+    ``Type/id`` like relative ones (others stay absolute: another member's server)."""
     registry = registry or default_registry()
     type_ = resource["resourceType"]
     rows = [IndexRow("_lastUpdated", low=last_updated, high=last_updated)]
@@ -51,7 +56,7 @@ def index_rows(
             continue
         nodes = registry.extractor(type_, code)(resource)
         if nodes:
-            rows.extend(_dedupe(value_rows(param, code, nodes)))
+            rows.extend(_dedupe(value_rows(param, code, nodes, base)))
     return rows
 
 
@@ -64,7 +69,9 @@ def _dedupe(rows: Iterable[IndexRow]) -> list[IndexRow]:
     return list(dict.fromkeys(rows))
 
 
-def value_rows(param: ParamDef, code: str, nodes: Iterable) -> Iterator[IndexRow]:
+def value_rows(
+    param: ParamDef, code: str, nodes: Iterable, base: str | None = None
+) -> Iterator[IndexRow]:
     """Rows for FHIRPath result ``nodes`` of a parameter named ``code``."""
     if param.type == "string" and code == "phonetic":
         for node in nodes:
@@ -74,6 +81,10 @@ def value_rows(param: ParamDef, code: str, nodes: Iterable) -> Iterator[IndexRow
             elif isinstance(node.value, str):
                 for key in textfold.index_phonetic({"text": node.value}):
                     yield IndexRow(code, text=key)
+        return
+    if param.type == "reference":
+        for node in nodes:
+            yield from _reference_rows(code, node.value, base)
         return
     emit = _EMITTERS.get(param.type)
     if emit is None:
@@ -197,7 +208,7 @@ def reference_key(reference: str, base: str | None = None) -> str:
     return reference
 
 
-def _reference_rows(code: str, value, type_: str) -> Iterator[IndexRow]:
+def _reference_rows(code: str, value, base: str | None) -> Iterator[IndexRow]:
     if isinstance(value, str):  # canonical or uri used as a reference
         yield IndexRow(code, text=value.split("|", 1)[0])
         return
@@ -205,7 +216,7 @@ def _reference_rows(code: str, value, type_: str) -> Iterator[IndexRow]:
         return
     ref = value.get("reference")
     if isinstance(ref, str) and ref:
-        key = reference_key(ref)
+        key = reference_key(ref, base)
         target = key.split("/", 1)[0] if "/" in key and "://" not in key else None
         yield IndexRow(code, system=target or value.get("type"), text=key)
     ident = value.get("identifier")
@@ -230,8 +241,8 @@ def _date_rows(code: str, value, type_: str) -> Iterator[IndexRow]:
         end = _date_span(value.get("end")) if value.get("end") else None
         low = start[0] if start else MIN_INSTANT
         high = end[1] if end else MAX_INSTANT
-        if start or end:
-            yield IndexRow(code, low=low, high=high)
+        if start or end:  # an invalid Period ending before it starts: its extent
+            yield IndexRow(code, low=min(low, high), high=max(low, high))
 
 
 def _date_span(value) -> tuple[str, str] | None:
@@ -268,12 +279,16 @@ def _quantity_rows(code: str, value, type_: str) -> Iterator[IndexRow]:
         high = _decimal((value.get("high") or {}).get("value"))
         unit = value.get("low") or value.get("high") or {}
         if low is not None or high is not None:
+            ends = (
+                float(low) if low is not None else float("-inf"),
+                float(high) if high is not None else float("inf"),
+            )
             yield IndexRow(
                 code,
                 system=unit.get("system"),
                 text=unit.get("code") or unit.get("unit"),
-                nlow=float(low) if low is not None else float("-inf"),
-                nhigh=float(high) if high is not None else float("inf"),
+                nlow=min(ends),
+                nhigh=max(ends),
             )
         return
     number = _decimal(value.get("value"))
@@ -301,7 +316,6 @@ def _uri_rows(code: str, value, type_: str) -> Iterator[IndexRow]:
 _EMITTERS = {
     "string": _string_rows,
     "token": _token_rows,
-    "reference": _reference_rows,
     "date": _date_rows,
     "number": _number_rows,
     "quantity": _quantity_rows,

@@ -83,7 +83,8 @@ class SearchRequest:
     count: int
     offset: int = 0
     sort: tuple[Sort, ...] = ()
-    total: str = "accurate"
+    #: ``_total`` as asked; None: exact when the search completes in one snapshot.
+    total: str | None = None
     includes: list[Include] = field(default_factory=list)
     #: The resource types searched (one, or several at system/compartment level).
     types: list[str] = field(default_factory=list)
@@ -195,7 +196,7 @@ class _Parser:
         return self.simple(type_, key, param, modifier, value)
 
     def unknown(self, type_: str, key: str, name: str) -> None:
-        if self.strict or name in ("_has",):
+        if self.strict or name == "_has":
             raise error(400, "not-supported", f"Unknown search parameter {name!r} for {type_}")
         return None
 
@@ -209,7 +210,7 @@ class _Parser:
             return Not(present) if value == "true" else present
         if modifier and not self.modifier_ok(type_, param, modifier):
             raise error(400, "not-supported", f"Unsupported modifier in {key!r}")
-        values = [v for v in split(value, ",")]
+        values = split(value, ",")
         if not value or any(v == "" for v in values):
             raise bad(key, "empty value")
         if param.code == "_id":
@@ -223,8 +224,6 @@ class _Parser:
 
     def modifier_ok(self, type_: str, param: ParamDef, modifier: str) -> bool:
         if modifier in MODIFIERS.get(param.type, ()):
-            return True
-        if param.type == "token" and param.code == "_id" and modifier == "not":
             return True
         return param.type == "reference" and modifier in self.targets(param)
 
@@ -267,9 +266,14 @@ class _Parser:
             if "/" in value:
                 raise bad(key, f"with :{modifier} give only the id")
             return (Cond("text", "eq", f"{modifier}/{value}", part),)
-        if "/" in value or "://" in value:
-            key_ = reference_key(value, self.base)
-            return (Cond("text", "eq", key_.split("|", 1)[0] if "://" in key_ else key_, part),)
+        if "://" in value:
+            # A URL of this server matches both the relative and the absolute form
+            # stored (absolute ones stay absolute unless HIE_BASE_URL names this base).
+            url = value.split("|", 1)[0]
+            local = reference_key(url, self.base)
+            return (Cond("text", "in", tuple(sorted({url, local})), part),)
+        if "/" in value:
+            return (Cond("text", "eq", reference_key(value), part),)
         targets = self.targets(param)
         if not valid_id(value):
             raise bad(key, f"{value!r} is not a resource id or reference")
@@ -498,7 +502,13 @@ def _date_term(code: str, key: str, raw: str, part) -> Term | tuple[Cond, ...]:
     def m(*conds: Cond) -> Match:
         return Match(code, conds)
 
-    contained = (Cond("low", "ge", low, part), Cond("high", "le", high, part))
+    # low <= high in every row (extract.py), so "low <= high bound" is implied; stated,
+    # it bounds the low index on both sides instead of walking half of it.
+    contained = (
+        Cond("low", "ge", low, part),
+        Cond("low", "le", high, part),
+        Cond("high", "le", high, part),
+    )
     match prefix:
         case "eq":
             return contained
@@ -546,8 +556,13 @@ def _range_conds(
     ``prefix``; ``eq``/``ne`` use [low, high), the interval the value's precision
     implies (FHIR: ``100`` means [99.5, 100.5))."""
     match prefix:
-        case "eq" | "ne":
-            return prefix == "ne", (Cond("nlow", "ge", low, part), Cond("nhigh", "lt", high, part))
+        case "eq" | "ne":  # nlow <= nhigh in every row: the middle bound is implied
+            conds = (
+                Cond("nlow", "ge", low, part),
+                Cond("nlow", "lt", high, part),
+                Cond("nhigh", "lt", high, part),
+            )
+            return prefix == "ne", conds
         case "gt" | "sa":
             return False, (Cond("nhigh" if prefix == "gt" else "nlow", "gt", v, part),)
         case "lt" | "eb":
