@@ -717,3 +717,69 @@ def test_paging_stops_at_the_configured_maximum(tmp_path):
         assert not any(x["relation"] == "next" for x in page["link"])
         total = c.get("/fhir/Patient", params={"_total": "accurate", "_count": 1}).json()
         assert total["total"] == 5  # an exact count is still available
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fhir/Patient?name=x",
+        "/fhir?_type=Patient",
+        "/fhir/Patient/1/Observation",
+        "/fhir/Patient/1/*",
+    ],
+)
+def test_search_needs_a_token_with_search_scope(anon, mint, path):
+    assert anon.get(path).status_code == 401
+    wrong = {"Authorization": f"Bearer {mint('system/Organization.rs')}"}
+    resp = anon.get(path, headers=wrong)
+    assert resp.status_code == 403 and resp.json()["resourceType"] == "OperationOutcome"
+    assert anon.get(path, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 401
+
+
+def test_post_search_bad_bodies(client):
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert (
+        client.post("/fhir/Patient/_search", content=b"\xff\xfe", headers=form).status_code == 400
+    )
+    assert client.post("/fhir/Patient/_search", content="a=1&&=", headers=form).status_code == 400
+    as_json = client.post("/fhir/Patient/_search", json={"name": "x"})
+    assert as_json.status_code == 415
+    huge = "name=" + "x" * (3 * 1024 * 1024)
+    assert client.post("/fhir/Patient/_search", content=huge, headers=form).status_code == 413
+    bad = client.post("/fhir/Patient/_search", content="birthdate=notadate", headers=form)
+    assert bad.status_code == 400 and "birthdate" in bad.json()["issue"][0]["diagnostics"]
+
+
+def test_cli_reindex_makes_a_stored_search_parameter_searchable(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from hie.app import create_app
+    from hie.cli import app as cli
+    from hie.config import Settings
+
+    monkeypatch.delenv("HIE_MONGODB_URI", raising=False)
+    settings = Settings(data_dir=tmp_path, auth=False)
+    patient = {"resourceType": "Patient", "extension": [{"url": MAIDEN, "valueString": "Wu"}]}
+    sp = {
+        "resourceType": "SearchParameter",
+        "url": "http://hie.example/SearchParameter/mothers-maiden",
+        "name": "mothers-maiden",
+        "status": "active",
+        "description": "Mother's maiden name",
+        "code": "mothers-maiden",
+        "base": ["Patient"],
+        "type": "string",
+        "expression": f"Patient.extension('{MAIDEN}').value",
+    }
+    with TestClient(create_app(settings)) as c:
+        pid = c.post("/fhir/Patient", json=patient).json()["id"]
+        c.post("/fhir/SearchParameter", json=sp)
+    result = CliRunner().invoke(cli, ["reindex", "Patient", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "reindexed 1 resources" in result.output
+    with TestClient(create_app(settings)) as c:  # loads stored SearchParameters at start
+        got = c.get(
+            "/fhir/Patient", params={"mothers-maiden": "wu"}, headers={"Prefer": "handling=strict"}
+        ).json()
+        assert [e["resource"]["id"] for e in got["entry"]] == [pid]
