@@ -783,3 +783,15 @@ def test_cli_reindex_makes_a_stored_search_parameter_searchable(tmp_path, monkey
             "/fhir/Patient", params={"mothers-maiden": "wu"}, headers={"Prefer": "handling=strict"}
         ).json()
         assert [e["resource"]["id"] for e in got["entry"]] == [pid]
+
+
+def test_count_only_searches_always_give_the_exact_total(client, data, monkeypatch):
+    from hie.fhir.search import engine
+
+    monkeypatch.setattr(engine, "CHUNK", 2)  # more matches than the first chunk
+    assert client.get("/fhir/Patient", params={"_summary": "count"}).json()["total"] == 5
+    assert client.get("/fhir/Patient", params={"_count": "0"}).json()["total"] == 5
+    estimate = client.get("/fhir/Patient", params={"_total": "estimate", "_count": 1}).json()
+    assert estimate["total"] == 5
+    none = client.get("/fhir/Patient", params={"_count": "0", "_total": "none"}).json()
+    assert "total" not in none

@@ -82,6 +82,9 @@ class SearchEngine:
         """Run ``req`` over one query per resource type (one type for a type-level
         search; several for system-level and compartment ``*`` searches). ``state`` is
         what :meth:`page` needs to rebuild ``queries`` when it extends the snapshot."""
+        if req.count == 0:  # _summary=count or _count=0: only the total
+            total = None if req.total == "none" else await self._count(queries)
+            return Found([], [], total, 0, 0, None, 0)
         want = req.offset + req.count
         fetch = min(max(want, CHUNK), self.max_results)
         hits = await self._hits(queries, req.sort, fetch + 1)
@@ -89,11 +92,7 @@ class SearchEngine:
         refs = hits[:fetch]
         total: int | None = len(refs) if complete else None
         if total is None and req.total in ("accurate", "estimate"):
-            total = 0
-            for type_, query in queries.items():
-                total += (await self.store.search(type_, query, count=0)).total
-        if req.count == 0:
-            return Found([], [], total, 0, 0, None, len(refs))
+            total = await self._count(queries)
         key = None
         if len(refs) > want or not complete:
             key = uuid.uuid4().hex
@@ -136,6 +135,9 @@ class SearchEngine:
         matches = await self.read_refs(refs[offset : offset + count])
         grows = not state["complete"] and len(refs) < self.max_results
         return Found(matches, [], total, offset, count, key, len(refs), not grows)
+
+    async def _count(self, queries: dict[str, Query]) -> int:
+        return sum([(await self.store.search(t, q, count=0)).total for t, q in queries.items()])
 
     async def _hits(self, queries: dict[str, Query], sort, limit: int) -> list[str]:
         """``Type/id`` of the first ``limit`` matches of the per-type ``queries``."""
