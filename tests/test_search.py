@@ -13,6 +13,17 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MAIDEN = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+MAIDEN_SP = {
+    "resourceType": "SearchParameter",
+    "url": "http://hie.example/SearchParameter/mothers-maiden",
+    "name": "mothers-maiden",
+    "status": "active",
+    "description": "Mother's maiden name",
+    "code": "mothers-maiden",
+    "base": ["Patient"],
+    "type": "string",
+    "expression": f"Patient.extension('{MAIDEN}').value",
+}
 
 
 def qty(value, code):
@@ -581,18 +592,7 @@ def test_custom_search_parameter_after_reindex(client, data):
         client.get("/fhir/Patient", params={"mothers-maiden": "wu"}, headers=strict).status_code
         == 400
     )
-    sp = {
-        "resourceType": "SearchParameter",
-        "url": "http://hie.example/SearchParameter/mothers-maiden",
-        "name": "mothers-maiden",
-        "status": "active",
-        "description": "Mother's maiden name",
-        "code": "mothers-maiden",
-        "base": ["Patient"],
-        "type": "string",
-        "expression": f"Patient.extension('{MAIDEN}').value",
-    }
-    assert client.post("/fhir/SearchParameter", json=sp).status_code == 201
+    assert client.post("/fhir/SearchParameter", json=MAIDEN_SP).status_code == 201
     done = client.post("/fhir/$reindex")
     assert done.status_code == 200, done.text
     got = client.get("/fhir/Patient", params={"mothers-maiden": "wu"}, headers=strict).json()
@@ -761,20 +761,9 @@ def test_cli_reindex_makes_a_stored_search_parameter_searchable(tmp_path, monkey
     monkeypatch.delenv("HIE_MONGODB_URI", raising=False)
     settings = Settings(data_dir=tmp_path, auth=False)
     patient = {"resourceType": "Patient", "extension": [{"url": MAIDEN, "valueString": "Wu"}]}
-    sp = {
-        "resourceType": "SearchParameter",
-        "url": "http://hie.example/SearchParameter/mothers-maiden",
-        "name": "mothers-maiden",
-        "status": "active",
-        "description": "Mother's maiden name",
-        "code": "mothers-maiden",
-        "base": ["Patient"],
-        "type": "string",
-        "expression": f"Patient.extension('{MAIDEN}').value",
-    }
     with TestClient(create_app(settings)) as c:
         pid = c.post("/fhir/Patient", json=patient).json()["id"]
-        c.post("/fhir/SearchParameter", json=sp)
+        c.post("/fhir/SearchParameter", json=MAIDEN_SP)
     result = CliRunner().invoke(cli, ["reindex", "Patient", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "reindexed 1 resources" in result.output
