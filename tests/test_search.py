@@ -517,6 +517,9 @@ def test_post_search_system_and_compartment(client, data):
         "ra1",
         "e1",
     }
+    assert client.get(f"/fhir/Observation/{data['o1']}/Patient").status_code == 404
+    assert client.get(f"/fhir/Patient/{data['p1']}/Organization").status_code == 400
+    assert client.get("/fhir/Patient/bad id/Observation").status_code == 400
     narrowed = client.get(f"/fhir/Patient/{data['p1']}/Observation", params={"status": "final"})
     assert {names[e["resource"]["id"]] for e in narrowed.json()["entry"]} == {"o1"}
 

@@ -26,7 +26,7 @@ from hie.fhir.search.dates import now, to_fhir_instant
 from hie.fhir.search.engine import FINGERPRINT_KEY, Found, SearchEngine
 from hie.fhir.search.extract import index_rows, index_version
 from hie.fhir.search.params import Include, SearchRequest, parse_search
-from hie.fhir.search.registry import InvalidSearchParameter, Registry
+from hie.fhir.search.registry import COMPARTMENTS, InvalidSearchParameter, Registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import check_resource, small_int, valid_id
 from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
@@ -139,7 +139,7 @@ class FhirService:
         is a system-level search over ``_type`` (default: every served type)."""
         if type_ is not None and not (type_ == "*" and compartment):
             check_type(type_)
-        types = self.search_types(type_, items, compartment)
+        types = self._search_types(type_, items, compartment)
         return parse_search(
             type_ if type_ != "*" else None,
             items,
@@ -151,7 +151,7 @@ class FhirService:
             base=base,
         )
 
-    def search_types(
+    def _search_types(
         self,
         type_: str | None,
         items: Sequence[tuple[str, str]],
@@ -180,9 +180,9 @@ class FhirService:
 
     def _compartment(self, compartment: tuple[str, str]) -> dict[str, tuple[str, ...]]:
         kind, id_ = compartment
-        members = self.registry.compartment(kind)
-        if not members:
+        if kind not in COMPARTMENTS:
             raise error(404, "not-supported", f"There is no {kind} compartment")
+        members = self.registry.compartment(kind)
         check_id(id_)
         return members
 
