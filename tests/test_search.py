@@ -787,3 +787,21 @@ def test_count_only_searches_always_give_the_exact_total(client, data, monkeypat
     assert estimate["total"] == 5
     none = client.get("/fhir/Patient", params={"_count": "0", "_total": "none"}).json()
     assert "total" not in none
+
+
+def test_conditional_interactions_use_the_full_engine(client, data):
+    body = {"resourceType": "Patient", "gender": "male", "birthDate": "1980-05-01"}
+    # Two matches (p1, p2 by their traditional/simplified family name): 412.
+    many = client.put("/fhir/Patient", params={"family": "張"}, json=body)
+    assert many.status_code == 412
+    # One match (p1): conditional update replaces it.
+    one = {"phonetic": "zhang", "birthdate": "1980-05-01"}
+    put = client.put("/fhir/Patient", params=one, json=body)
+    assert put.status_code == 200 and put.json()["id"] == data["p1"]
+    # A chained condition on conditional create finds o3's subject p2: nothing created.
+    created = client.post(
+        "/fhir/Patient",
+        json=body,
+        headers={"If-None-Exist": "_has:Observation:subject:code=http://loinc.org|8480-6"},
+    )
+    assert created.status_code == 200 and created.json()["id"] == data["p2"]
