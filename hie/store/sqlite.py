@@ -542,7 +542,8 @@ class _Compiler:
         if len(rows) == limit:
             return rows
         without = (
-            f"NOT EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
+            f"NOT EXISTS (SELECT 1 FROM search_index s INDEXED BY search_owner"
+            f" WHERE s.type = r.type AND s.id = r.id"
             f" AND s.param = ? AND {value} IS NOT NULL)"
         )
         return rows + self._walk_resources(
@@ -569,7 +570,8 @@ class _Compiler:
             k = self._alias("k")
             agg, value = ("max", _DESC) if key.descending else ("min", _ASC)
             terms.append(
-                f"(SELECT {agg}({value.format(k)}) FROM search_index {k} WHERE {k}.type = ?"
+                f"(SELECT {agg}({value.format(k)}) FROM search_index {k} INDEXED BY search_owner"
+                f" WHERE {k}.type = ?"
                 f" AND {k}.id = {r}.id AND {k}.param = ?){direction} NULLS LAST"
             )
             params += [type_, key.param]
