@@ -272,3 +272,14 @@ async def test_expired_snapshots_are_deleted(store):
         ("new", 0, "Patient/c")
     ]
     conn.close()
+
+
+async def test_sorting_a_small_result_reads_sort_keys_by_owner(planned):
+    """Sorting a few matches reads each one's sort key through the owner index; a
+    correlated seek on (type, param) alone walks every row of the parameter (it
+    made a sorted search of 8 matches take 1.9 s at 100k resources)."""
+    subject = (Match("subject", (Cond("text", "eq", "Patient/p3"),)),)
+    for sort in ((Sort("date", True),), (Sort("date"),)):
+        lines = plans(planned, "Observation", subject, sort)
+        assert any("search_owner (type=? AND id=? AND param=?)" in line for line in lines), lines
+        assert not any(line.endswith("(type=? AND param=?)") for line in lines), lines
