@@ -867,6 +867,11 @@ class SqliteStore(Store):
 
         def run() -> None:
             conn = self._write_conn
+            # A snapshot is a cache: its commit need not wait for fsync. NORMAL in WAL
+            # mode may lose it on power loss but never corrupts; the configured mode
+            # is restored right after, so resource commits stay as durable as before.
+            if self.synchronous in ("FULL", "EXTRA"):
+                conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 gone = [
@@ -888,6 +893,8 @@ class SqliteStore(Store):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            finally:
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
         await self._run_write(run)
 

@@ -42,8 +42,6 @@ FINGERPRINT_KEY = "_registry-fingerprint"
 #: Matches a search snapshot takes at first (it doubles on each extension): small,
 #: since a first page walks about CHUNK / selectivity index entries.
 CHUNK = 100
-#: Suffix of the snapshot key under which a search keeps what rebuilds its query.
-STATE_SUFFIX = ".state"
 
 
 @dataclass
@@ -115,26 +113,26 @@ class SearchEngine:
         them runs the search again and appends the matches not shown yet (so none is
         shown twice, and none that still matches is skipped), until the search is
         complete or holds ``max_results``."""
-        found = await self.store.load_snapshot(key + STATE_SUFFIX, 0, 1)
-        if found is None or not found[0]:
+        head = await self.store.load_snapshot(key, 0, 1)
+        if head is None or not head[0]:
             raise error(410, "not-found", "This search has expired; run it again")
-        state = orjson.loads(found[0][0])
-        got = await self.store.load_snapshot(key, 0, self.max_results)
-        if got is None:
-            raise error(410, "not-found", "This search has expired; run it again")
-        refs = got[0]
-        if offset + count > len(refs) and not state["complete"]:
+        state, length = orjson.loads(head[0][0]), head[1] - 1
+        if offset + count > length and not state["complete"]:
+            refs = (await self.store.load_snapshot(key, 1, length) or ([], 0))[0]
             sort = tuple(Sort(p, d) for p, d in state["sort"])
-            fetch = min(max(offset + count, 2 * len(refs)), self.max_results)
+            fetch = min(max(offset + count, 2 * length), self.max_results)
             hits = await self._hits(rebuild(state), sort, fetch + 1)
             state["complete"] = len(hits) <= fetch
             shown = set(refs)
             refs = (refs + [r for r in hits if r not in shown])[: self.max_results]
             await self._save(key, refs, state)
-        total = len(refs) if state["complete"] else None
-        matches = await self.read_refs(refs[offset : offset + count])
-        grows = not state["complete"] and len(refs) < self.max_results
-        return Found(matches, [], total, offset, count, key, len(refs), not grows)
+            length, page = len(refs), refs[offset : offset + count]
+        else:
+            page = (await self.store.load_snapshot(key, 1 + offset, count) or ([], 0))[0]
+        total = length if state["complete"] else None
+        matches = await self.read_refs(page)
+        grows = not state["complete"] and length < self.max_results
+        return Found(matches, [], total, offset, count, key, length, not grows)
 
     async def _count(self, queries: dict[str, Query]) -> int:
         return sum([(await self.store.search(t, q, count=0)).total for t, q in queries.items()])
@@ -150,9 +148,9 @@ class SearchEngine:
         return [f"{t}/{i}" for _, t, i in hits[:limit]]
 
     async def _save(self, key: str, refs: list[str], state: dict) -> None:
+        """One snapshot write: the state that rebuilds the query first, then the refs."""
         expires = fmt(datetime.now(UTC) + timedelta(seconds=self.ttl))
-        await self.store.save_snapshot(key, refs, expires)
-        await self.store.save_snapshot(key + STATE_SUFFIX, [orjson.dumps(state).decode()], expires)
+        await self.store.save_snapshot(key, [orjson.dumps(state).decode(), *refs], expires)
 
     async def read_refs(self, refs: Sequence[str]) -> list[Version]:
         """Current versions of ``Type/id`` references, in the order given."""
