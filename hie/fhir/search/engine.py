@@ -1,8 +1,9 @@
 """Running a parsed search: matches, paging snapshots, includes and reindexing.
 
-Paging: the first request of a search asks the store for the ordered ids of its
-first :data:`CHUNK` matches (an index-only query) and, when they do not fit on one
-page, saves them as a *snapshot* under a random key. Later pages are read from the
+Paging: the first request of a search asks the store for the ordered ids of the
+matches up to the end of its page, plus one to tell whether there are more (an
+index-only query whose cost follows the page, not the result), and then saves them
+as a *snapshot* under a random key. Later pages are read from the
 snapshot (``?_getpages=KEY&_getpagesoffset=N``), so concurrent writes cannot shift
 results between pages. A page past the snapshot's end runs the search again and
 appends the matches not yet in it: no resource is shown twice, and none that still
@@ -39,9 +40,6 @@ from hie.store.query import Cond, Match, Query, Sort
 MAX_ITERATE = 4
 #: Snapshot key holding the registry fingerprint the index was built with.
 FINGERPRINT_KEY = "_registry-fingerprint"
-#: Matches a search snapshot takes at first (it doubles on each extension): small,
-#: since a first page walks about CHUNK / selectivity index entries.
-CHUNK = 100
 
 
 @dataclass
@@ -84,7 +82,7 @@ class SearchEngine:
             total = None if req.total == "none" else await self._count(queries)
             return Found([], [], total, 0, 0, None, 0)
         want = req.offset + req.count
-        fetch = min(max(want, CHUNK), self.max_results)
+        fetch = min(want, self.max_results)
         hits = await self._hits(queries, req.sort, fetch + 1)
         complete = len(hits) <= fetch
         refs = hits[:fetch]
@@ -109,10 +107,10 @@ class SearchEngine:
     ) -> Found:
         """A later page of a snapshot; 410 when it expired or never existed.
 
-        A snapshot first holds the matches of the first :data:`CHUNK`; a page beyond
-        them runs the search again and appends the matches not shown yet (so none is
-        shown twice, and none that still matches is skipped), until the search is
-        complete or holds ``max_results``."""
+        A snapshot first holds the matches of the first page; a page beyond them runs
+        the search again for at least twice as many and appends the matches not shown
+        yet (so none is shown twice, and none that still matches is skipped), until
+        the search is complete or holds ``max_results``."""
         head = await self.store.load_snapshot(key, 0, 1)
         if head is None or not head[0]:
             raise error(410, "not-found", "This search has expired; run it again")
