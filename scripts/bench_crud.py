@@ -816,6 +816,7 @@ class Bench:
     async def run_size(self, target: int, stack: contextlib.AsyncExitStack) -> None:
         """Everything at one data size, on a fresh store."""
         from hie.config import Settings
+        from hie.fhir.search.registry import Registry
         from hie.fhir.service import FhirService
         from hie.store.sqlite import SqliteStore
 
@@ -835,7 +836,7 @@ class Bench:
             store = SqliteStore(self.data_dir, synchronous=args.synchronous)
             await store.open()
             local.push_async_callback(store.close)
-            service = FhirService(store, settings)
+            service = FhirService(store, settings, Registry())
             for op in OPS:
                 for variant in VARIANTS:
                     if variant == "hie":
