@@ -804,3 +804,12 @@ def test_conditional_interactions_use_the_full_engine(client, data):
         headers={"If-None-Exist": "_has:Observation:subject:code=http://loinc.org|8480-6"},
     )
     assert created.status_code == 200 and created.json()["id"] == data["p2"]
+
+
+def test_later_pages_check_the_callers_scopes_first(client, data, mint):
+    first = client.get("/fhir/Patient", params={"_count": 1}).json()
+    nxt = next(x["url"] for x in first["link"] if x["relation"] == "next")
+    other = {"Authorization": f"Bearer {mint('system/Observation.rs')}"}
+    denied = client.get(nxt, headers=other)
+    assert denied.status_code == 403 and denied.json()["resourceType"] == "OperationOutcome"
+    assert client.get(nxt).status_code == 200

@@ -258,9 +258,12 @@ class FhirService:
         items: Sequence[tuple[str, str]],
     ) -> tuple[Found, list[Include]]:
         """A later page of a search, with the includes its links carry."""
-        found = await self.engine.page(key, offset, count, self._rebuild)
-        for t in {v.type for v in found.matches}:
-            require(principal, "s", t)
+
+        def authorize(types: list[str]) -> None:
+            for t in types:
+                require(principal, "s", t)
+
+        found = await self.engine.page(key, offset, count, self._rebuild, authorize)
         carried = [(k, v) for k, v in items if k.startswith(("_include", "_revinclude"))]
         req = parse_search(
             None,

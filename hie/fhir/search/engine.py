@@ -104,6 +104,7 @@ class SearchEngine:
         offset: int,
         count: int,
         rebuild: Callable[[dict], dict[str, Query]],
+        authorize: Callable[[list[str]], None],
     ) -> Found:
         """A later page of a snapshot; 410 when it expired or never existed.
 
@@ -115,6 +116,7 @@ class SearchEngine:
         if head is None or not head[0]:
             raise error(410, "not-found", "This search has expired; run it again")
         state, length = orjson.loads(head[0][0]), head[1] - 1
+        authorize(state["types"])  # before any work: the caller may search these types
         if offset + count > length and not state["complete"]:
             refs = (await self.store.load_snapshot(key, 1, length) or ([], 0))[0]
             sort = tuple(Sort(p, d) for p, d in state["sort"])
