@@ -11,7 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from hie.access.tokens import TokenAuthority, load_or_create_key
+from hie.access.clients import ClientRegistry
+from hie.access.keys import KeyRing
+from hie.access.patients import PatientLinks
+from hie.access.routes import register as register_auth_routes
+from hie.access.tokens import ExternalIssuer, TokenAuthority
+from hie.audit.log import AuditLog
+from hie.audit.routes import router as audit_router
 from hie.config import Settings
 from hie.fhir.errors import FhirError, Issue, outcome
 from hie.fhir.http import Format, fhir_response
@@ -44,27 +50,59 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     store = store or open_store(settings)
 
     service = FhirService(store, settings, Registry())
+    keys = KeyRing(settings.keys_path)
+    audit = None
+    if settings.audit:
+        audit = AuditLog(
+            store,
+            keys,
+            lambda type_, id_, resource: service.new_write(type_, id_, resource, None, "POST"),
+            seal_records=settings.audit_seal_records,
+            seal_seconds=settings.audit_seal_seconds,
+        )
+    elif settings.auth:
+        raise ValueError("HIE_AUDIT=off is allowed only with HIE_AUTH=off (local development)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if not settings.auth:
+            log.warning(
+                "AUTHENTICATION IS OFF (HIE_AUTH=off): every caller has every right. "
+                "For local development only; never expose this server."
+            )
+        if audit is None:
+            log.warning("AUDITING IS OFF (HIE_AUDIT=off): accesses leave no record.")
         await store.open()
         await service.load_custom_parameters()
+        if audit is not None:
+            await audit.start()
         task = asyncio.create_task(service.refresh_index())
         try:
             yield
         finally:
             task.cancel()
+            if audit is not None:
+                await audit.stop()
             await store.close()
 
     app = FastAPI(title="HIE", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.store = store
     app.state.service = service
-    app.state.tokens = TokenAuthority(load_or_create_key(settings.key_file))
+    app.state.keys = keys
+    app.state.audit = audit
+    app.state.patient_links = PatientLinks(service.registry, settings.base_url)
+    app.state.clients = ClientRegistry(store)
+    app.state.tokens = TokenAuthority(
+        keys, app.state.clients, ExternalIssuer.from_settings(settings)
+    )
+    register_auth_routes(app)  # token endpoint, SMART discovery, client admin; before FHIR
     # The FHIR routes go straight onto the app's router. With include_router, FastAPI
     # matches every request through its lazy _IncludedRouter (twice, with context-var
     # bookkeeping per candidate route): a quarter of a read's server CPU. The routes
     # use no dependencies, so the include's dependency overrides are not missed.
+    # Operations with fixed paths first: the FHIR routes' patterns would take them.
+    app.router.routes.extend(audit_router.routes)
     app.router.routes.extend(router.routes)
 
     @app.get("/healthz", include_in_schema=False)

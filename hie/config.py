@@ -27,12 +27,19 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     auth: bool = True
     token_ttl_seconds: int = 3600
-    signing_key_file: Path | None = None
+    access_token_ttl: int = 300
+    keys_dir: Path | None = None
+    oidc_issuer: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_audience: str | None = None
     sqlite_synchronous: str = "FULL"
     default_count: int = 50
     max_count: int = 1000
     search_max_results: int = 10_000
     search_snapshot_ttl: int = 3600
+    audit: bool = True
+    audit_seal_records: int = 1000
+    audit_seal_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -53,8 +60,13 @@ class Settings:
             values["auth"] = _bool(env["HIE_AUTH"])
         if "HIE_TOKEN_TTL_SECONDS" in env:
             values["token_ttl_seconds"] = int(env["HIE_TOKEN_TTL_SECONDS"])
-        if env.get("HIE_SIGNING_KEY_FILE"):
-            values["signing_key_file"] = Path(env["HIE_SIGNING_KEY_FILE"])
+        if "HIE_ACCESS_TOKEN_TTL" in env:
+            values["access_token_ttl"] = int(env["HIE_ACCESS_TOKEN_TTL"])
+        if env.get("HIE_KEYS_DIR"):
+            values["keys_dir"] = Path(env["HIE_KEYS_DIR"])
+        for name in ("oidc_issuer", "oidc_jwks_url", "oidc_audience"):
+            if env.get(f"HIE_{name.upper()}"):
+                values[name] = env[f"HIE_{name.upper()}"]
         if "HIE_SQLITE_SYNCHRONOUS" in env:
             values["sqlite_synchronous"] = env["HIE_SQLITE_SYNCHRONOUS"].upper()
         if "HIE_DEFAULT_COUNT" in env:
@@ -65,10 +77,16 @@ class Settings:
             values["search_max_results"] = int(env["HIE_SEARCH_MAX_RESULTS"])
         if "HIE_SEARCH_SNAPSHOT_TTL" in env:
             values["search_snapshot_ttl"] = int(env["HIE_SEARCH_SNAPSHOT_TTL"])
+        if "HIE_AUDIT" in env:
+            values["audit"] = _bool(env["HIE_AUDIT"])
+        if "HIE_AUDIT_SEAL_RECORDS" in env:
+            values["audit_seal_records"] = int(env["HIE_AUDIT_SEAL_RECORDS"])
+        if "HIE_AUDIT_SEAL_SECONDS" in env:
+            values["audit_seal_seconds"] = float(env["HIE_AUDIT_SEAL_SECONDS"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @property
-    def key_file(self) -> Path:
-        """Where the token-signing key lives (created on first use)."""
-        return self.signing_key_file or self.data_dir / "signing-key.pem"
+    def keys_path(self) -> Path:
+        """The directory of the server's signing keys (see :mod:`hie.access.keys`)."""
+        return self.keys_dir or self.data_dir / "keys"

@@ -43,10 +43,19 @@ def app(settings, store_kind, tmp_path):
 
 @pytest.fixture
 def mint(app) -> Callable[..., str]:
-    """Mint a token on the app's key: ``mint(scope="system/*.cruds")``."""
+    """Mint a token on the app's key: ``mint(scope="system/*.cruds")`` is an
+    administrator's (no member organisation); ``organization=``, ``roles=`` and the
+    other claims of :meth:`TokenAuthority.mint` make it a member's, an auditor's..."""
 
-    def _mint(scope: str = "system/*.cruds", client_id: str = "test-client", ttl: int = 600):
-        return app.state.tokens.mint(client_id, scope, ttl)
+    def _mint(
+        scope: str = "system/*.cruds",
+        client_id: str = "test-client",
+        ttl: int = 600,
+        *,
+        roles: tuple[str, ...] = ("admin",),
+        **claims,
+    ):
+        return app.state.tokens.mint(client_id, scope, ttl, roles=roles, **claims)
 
     return _mint
 

@@ -244,19 +244,18 @@ class Yielding:
 @pytest.fixture
 async def asgi(app, mint) -> AsyncIterator[httpx.AsyncClient]:
     """A client on the app in this event loop (ASGITransport runs no lifespan, so the
-    store is opened and closed here)."""
+    app's lifespan, which opens the store and starts the audit log, runs here)."""
     app.state.service.store = Yielding(app.state.store)
-    await app.state.store.open()
-    try:
-        async with httpx.AsyncClient(
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
             transport=httpx.ASGITransport(app),
             base_url="http://hie.test/fhir",
             headers={"Authorization": f"Bearer {mint()}", "Content-Type": FHIR},
             timeout=60,
-        ) as client:
-            yield client
-    finally:
-        await app.state.store.close()
+        ) as client,
+    ):
+        yield client
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -1,11 +1,13 @@
 """The official R4 examples (npm ``hl7.fhir.r4.examples`` 4.0.1) over HTTP.
 
 Every example of a served type is written (``PUT`` with its own id, every tenth by
-``POST``) and read back equal to what was sent, apart from ``meta.versionId`` and
-``meta.lastUpdated``, which the server sets; the rest of ``meta`` (profile, tag,
-security...) must survive. The 14 examples that break R4's own rules are listed in
-:data:`KNOWN_INVALID` with the rejection they must get; any other rejection fails.
-Examples of unserved types must get 404 with an OperationOutcome.
+``POST``) and read back equal to what was sent, apart from ``meta.versionId``,
+``meta.lastUpdated`` and ``meta.source`` (the writing client), which the server sets;
+the rest of ``meta`` (profile, tag, security...) must survive. The 14 examples that
+break R4's own rules are listed in :data:`KNOWN_INVALID` with the rejection they must
+get; any other rejection fails.
+Examples of unserved types must get 404 with an OperationOutcome, and AuditEvent
+examples 405: the audit log is written by the server only.
 
 The package (191 MB unpacked) is fetched once with ``npm pack`` into ``tests/.cache``
 and read straight from the tarball. Without npm or network the tests fail, unless
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from hie.access.decision import AUDIT_TYPES
 from hie.app import create_app
 from hie.config import Settings
 from hie.fhir.types import served_types
@@ -171,11 +174,13 @@ def app(settings, store_kind, tmp_path):
 
 
 def _without_server_meta(resource: dict) -> dict:
-    """``resource`` without meta.versionId/lastUpdated (and without an emptied meta)."""
+    """``resource`` without meta.versionId/lastUpdated/source (and without an emptied
+    meta)."""
     out = dict(resource)
     meta = dict(out.pop("meta", None) or {})
     meta.pop("versionId", None)
     meta.pop("lastUpdated", None)
+    meta.pop("source", None)
     if meta:
         out["meta"] = meta
     return out
@@ -233,6 +238,9 @@ class Exchange:
         if type_ not in served_types():
             self._unserved(name, raw, type_)
             return
+        if type_ in AUDIT_TYPES:
+            self._append_only(name, raw, resource, method)
+            return
         expected = KNOWN_INVALID.get(name)
         if expected is not None:
             method = expected.method
@@ -277,6 +285,22 @@ class Exchange:
             )
         else:
             self.counts["unserved"] += 1
+
+    def _append_only(self, name: str, raw: bytes, resource: dict, method: str) -> None:
+        type_ = resource["resourceType"]
+        if method == "PUT":
+            response = self.client.put(f"/fhir/{type_}/{resource['id']}", content=raw)
+        else:
+            response = self.client.post(f"/fhir/{type_}", content=raw)
+        if response.status_code != 405 or response.json().get("resourceType") != (
+            "OperationOutcome"
+        ):
+            self.failures.append(
+                f"{name}: {method} of an audit record answered {response.status_code}, "
+                f"not 405: {_issues(response)}"
+            )
+        else:
+            self.counts["append-only"] += 1
 
     def _rejection(self, name: str, method: str, response, expected: Rejection) -> None:
         issues = [{}]
@@ -360,5 +384,6 @@ def test_r4_example_sample_round_trips(client, r4_examples_tarball):
     for i, (_type, (name, raw, resource)) in enumerate(sorted(sample.items())):
         exchange.send(name, raw, resource, "POST" if i % POST_EVERY == 0 else "PUT")
     exchange.check()
-    assert exchange.counts["accepted"] == len(sample.keys() & served_types())
+    assert exchange.counts["accepted"] == len(sample.keys() & served_types() - AUDIT_TYPES)
+    assert exchange.counts["append-only"] == 1
     assert exchange.counts["unserved"] == len(sample.keys() - served_types()) > 0

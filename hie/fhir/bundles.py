@@ -20,12 +20,15 @@ from typing import Any
 import orjson
 
 from hie.access.principal import Principal
+from hie.audit.trail import Trail
 from hie.fhir.errors import FhirError, Issue, error, outcome
 from hie.fhir.http import parse_etag
 from hie.fhir.interactions import (
     Answer,
     Call,
+    attempted,
     criteria,
+    interaction,
     parse_url,
     perform,
     status_line,
@@ -33,7 +36,7 @@ from hie.fhir.interactions import (
     write_plan,
 )
 from hie.fhir.search.dates import now, to_fhir_instant
-from hie.fhir.service import RETRIES, FhirService, backoff, new_id
+from hie.fhir.service import RETRIES, FhirService, backoff, new_id, version_of
 from hie.fhir.validation import check_resource
 from hie.store import ConditionConflict, VersionConflict
 
@@ -123,9 +126,15 @@ def _shell(kind: str) -> dict:
 
 
 async def process(
-    service: FhirService, principal: Principal, bundle: Any, base: str, prefer: dict[str, str]
+    service: FhirService,
+    principal: Principal,
+    bundle: Any,
+    base: str,
+    prefer: dict[str, str],
+    trail: Trail,
 ) -> dict:
-    """Process a batch or transaction Bundle and return the response Bundle."""
+    """Process a batch or transaction Bundle and return the response Bundle. Each
+    entry is audited; a transaction's records commit with its writes."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "POST to the base URL takes a Bundle")
     kind = bundle.get("type")
@@ -134,13 +143,16 @@ async def process(
             400, "value", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type"
         )
     if kind == "batch":
-        return await _batch(service, principal, _parse_entries(bundle, base, prefer), base)
+        entries = _parse_entries(bundle, base, prefer)
+        response = await _batch(service, principal, entries, base, trail)
+        await trail.record(trail.event("batch", status=200))
+        return response
     for attempt in range(RETRIES):
         if attempt:
             await backoff(attempt)
         try:
             return await _transaction(
-                service, principal, _parse_entries(bundle, base, prefer), base
+                service, principal, _parse_entries(bundle, base, prefer), base, trail
             )
         except (ConditionConflict, VersionConflict):
             continue  # lost a race to a concurrent write: plan again on the new state
@@ -148,16 +160,17 @@ async def process(
 
 
 async def _batch(
-    service: FhirService, principal: Principal, entries: list[_Entry], base: str
+    service: FhirService, principal: Principal, entries: list[_Entry], base: str, trail: Trail
 ) -> dict:
     response = _shell("batch-response")
     for entry in entries:
         try:
             if entry.call.type is None and not entry.call.history:
                 raise error(400, "invalid", "Entries must address a resource type")
-            answer = await perform(service, principal, entry.call, base)
+            answer = await perform(service, principal, entry.call, base, trail)
             response["entry"].append(_response_entry(answer, base))
         except FhirError as exc:
+            await trail.failed(interaction(entry.call), exc, resources=attempted(entry.call))
             response["entry"].append(
                 {"response": {"status": str(exc.status), "outcome": outcome(exc.issues)}}
             )
@@ -165,7 +178,7 @@ async def _batch(
 
 
 async def _transaction(
-    service: FhirService, principal: Principal, entries: list[_Entry], base: str
+    service: FhirService, principal: Principal, entries: list[_Entry], base: str, trail: Trail
 ) -> dict:
     deleted = await _deletions(service, principal, entries)
     ids = await _resolve_identities(service, principal, entries, deleted)
@@ -175,7 +188,7 @@ async def _transaction(
             await _resolve_references(service, principal, entry, deleted)
     ordered = sorted(entries, key=lambda e: (_ORDER[e.call.method], e.index))
     answers: dict[int, Answer] = {}
-    writes, touched = [], {}
+    writes, touched, events = [], {}, []
     for entry in ordered:
         call = entry.call
         if call.method in ("GET", "HEAD"):
@@ -213,9 +226,12 @@ async def _transaction(
                 )
             touched[key] = entry.index
             writes.append(write)
+        shown = [version_of(write)] if write else [result.version] if result.version else []
+        events.append(trail.event(interaction(call), status=result.status, **trail.touched(shown)))
         answers[entry.index] = write_answer(result, call.prefer)
+    events.append(trail.event("transaction", status=200))
     try:
-        await service.store.commit(writes)
+        await trail.commit(writes, events)
     except VersionConflict as exc:
         index = touched.get(f"{exc.type}/{exc.id}")
         if index is not None and entries[index].call.if_match is not None:
@@ -225,8 +241,9 @@ async def _transaction(
     for entry in ordered:
         if entry.call.method in ("GET", "HEAD"):
             try:
-                answers[entry.index] = await perform(service, principal, entry.call, base)
+                answers[entry.index] = await perform(service, principal, entry.call, base, trail)
             except FhirError as exc:
+                await trail.failed(interaction(entry.call), exc, resources=attempted(entry.call))
                 # The writes are committed: failing the whole response now would report
                 # a transaction that was in fact applied. The read answers in its entry.
                 answers[entry.index] = Answer(exc.status, outcome(exc.issues))

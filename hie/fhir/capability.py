@@ -10,6 +10,7 @@ from importlib import resources
 import orjson
 
 from hie import __version__
+from hie.access.decision import AUDIT_TYPES
 from hie.fhir.search.dates import now, to_fhir_instant
 from hie.fhir.search.params import MODIFIERS
 from hie.fhir.search.registry import ParamDef, Registry
@@ -26,6 +27,8 @@ TYPE_INTERACTIONS = (
     "create",
     "search-type",
 )
+#: What clients may do with the append-only audit log (auditors only).
+AUDIT_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
 SYSTEM_INTERACTIONS = ("transaction", "batch", "history-system", "search-system")
 #: Search result parameters every type supports.
 RESULT_PARAMS_DOC = (
@@ -75,6 +78,15 @@ def _resource_entries(registry: Registry) -> list[dict]:
     return found
 
 
+def _operations(type_: str | None) -> list[dict]:
+    """The shipped operations at system level (``type_`` None) or on ``type_``."""
+    return [
+        {"name": op["code"], "definition": op["url"], "documentation": op["description"]}
+        for op in shipped_operations()
+        if (op.get("system") if type_ is None else type_ in op.get("resource", ()))
+    ]
+
+
 def _build_entries(registry: Registry) -> list[dict]:
     entries = []
     served = served_types()
@@ -87,24 +99,33 @@ def _build_entries(registry: Registry) -> list[dict]:
             for c, p in registry.params(other).items()
             if p.type == "reference" and (not p.targets or type_ in p.targets)
         )
-        entries.append(
-            {
-                "type": type_,
-                "profile": f"http://hl7.org/fhir/StructureDefinition/{type_}",
-                "interaction": [{"code": code} for code in TYPE_INTERACTIONS],
-                "versioning": "versioned-update",
-                "readHistory": True,
-                "updateCreate": True,
-                "conditionalCreate": True,
-                "conditionalRead": "full-support",
-                "conditionalUpdate": True,
-                "conditionalDelete": "single",
-                "referencePolicy": ["literal", "logical"],
-                "searchInclude": ["*", *(f"{type_}:{c}" for c in sorted(references))],
-                "searchRevInclude": ["*", *revincludes],
-                "searchParam": [_search_param(p) for _, p in sorted(params.items())],
-            }
-        )
+        audit = type_ in AUDIT_TYPES
+        entry = {
+            "type": type_,
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{type_}",
+            "interaction": [
+                {"code": code} for code in (AUDIT_INTERACTIONS if audit else TYPE_INTERACTIONS)
+            ],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": not audit,
+            "conditionalCreate": not audit,
+            "conditionalRead": "full-support",
+            "conditionalUpdate": not audit,
+            "conditionalDelete": "not-supported" if audit else "single",
+            "referencePolicy": ["literal", "logical"],
+            "searchInclude": ["*", *(f"{type_}:{c}" for c in sorted(references))],
+            "searchRevInclude": ["*", *revincludes],
+            "searchParam": [_search_param(p) for _, p in sorted(params.items())],
+        }
+        if audit:
+            entry["documentation"] = (
+                "Append-only, written by the server for every interaction; readable by "
+                "clients with the auditor role."
+            )
+        if operations := _operations(type_):
+            entry["operation"] = operations
+        entries.append(entry)
     return entries
 
 
@@ -120,17 +141,34 @@ def capability_statement(base: str, auth: bool, registry: Registry) -> dict:
             for c, p in sorted(registry.params("Patient").items())
             if c.startswith("_")
         ],
-        "operation": [
-            {"name": op["code"], "definition": op["url"], "documentation": op["description"]}
-            for op in shipped_operations()
-        ],
+        "operation": _operations(None),
     }
     if auth:
+        root = base.removesuffix("/fhir")
         rest["security"] = {
+            "extension": [
+                {
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": f"{root}/auth/token"}],
+                }
+            ],
             "cors": False,
-            "description": "Every request except this CapabilityStatement needs an "
-            "'Authorization: Bearer' token whose SMART scopes (system/Type.cruds, or "
-            "v1 .read/.write) permit the interaction.",
+            "service": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                            "code": "SMART-on-FHIR",
+                        }
+                    ]
+                }
+            ],
+            "description": "Every request except this CapabilityStatement and the SMART "
+            "configuration needs an 'Authorization: Bearer' token from the token endpoint "
+            "(SMART Backend Services: client_credentials with a private_key_jwt assertion) "
+            "whose SMART scopes (system/Type.cruds, or v1 .read/.write) permit the "
+            "interaction. Members change only what they wrote. Purpose of use: the "
+            "X-Purpose-Of-Use header (v3 PurposeOfUse code), default TREAT.",
         }
     return {
         "resourceType": "CapabilityStatement",

@@ -19,12 +19,13 @@ import orjson
 
 from hie import jsonio
 from hie.access.principal import Principal
+from hie.audit.trail import Trail
 from hie.fhir.errors import error, information
 from hie.fhir.search.dates import date_range, now, to_fhir_instant
 from hie.fhir.search.params import non_negative
-from hie.fhir.service import FhirService, Plan, Result
+from hie.fhir.service import FhirService, Plan, Result, version_of
 from hie.fhir.shaping import check_summary, parse_elements, shape
-from hie.store import Page, Version
+from hie.store import Page, Version, Write
 
 Params = list[tuple[str, str]]
 _HISTORY_PARAMS = frozenset(
@@ -174,25 +175,69 @@ def write_answer(result: Result, prefer: dict[str, str]) -> Answer:
     return Answer(result.status, version.body, version, location)
 
 
-async def perform(service: FhirService, principal: Principal, call: Call, base: str) -> Answer:
-    """Run one interaction to completion (writes are committed on their own)."""
+def interaction(call: Call) -> str:
+    """The restful-interaction code of ``call`` (the AuditEvent subtype)."""
+    m = call.method
+    if call.history:
+        return "history-instance" if call.id else "history-type" if call.type else "history-system"
+    if m == "POST" and not call.search and call.type:
+        return "create"
+    if m in ("PUT", "PATCH", "DELETE"):
+        return {"PUT": "update", "PATCH": "patch", "DELETE": "delete"}[m]
+    if call.vid is not None:
+        return "vread"
+    if call.id is not None:
+        return "read"
+    if any(k == "_getpages" for k, _ in call.params):
+        return "search"
+    return "search-type" if call.type else "search-system"
+
+
+def attempted(call: Call) -> list[str]:
+    """The resource a call names (for the audit record of a failed interaction)."""
+    return [f"{call.type}/{call.id}"] if call.type and call.id else []
+
+
+async def perform(
+    service: FhirService, principal: Principal, call: Call, base: str, trail: Trail
+) -> Answer:
+    """Run one interaction to completion (writes are committed on their own, each
+    with its audit record; reads are recorded before they are answered)."""
+    subtype = interaction(call)
     plan = write_plan(service, principal, call)
     if plan is not None:
-        result = await service.run(plan, guarded=call.if_match is not None)
+        committed = False
+
+        async def commit(writes: list[Write], result: Result) -> None:
+            nonlocal committed
+            touched = trail.touched(version_of(w) for w in writes)
+            await trail.commit(writes, [trail.event(subtype, status=result.status, **touched)])
+            committed = True
+
+        result = await service.run(plan, call.if_match is not None, commit)
+        if not committed:  # nothing to write (an existing match, an absent resource)
+            shown = [result.version] if result.version is not None else []
+            touched = trail.touched(shown) if shown else {"resources": attempted(call)}
+            await trail.record(trail.event(subtype, status=result.status, **touched))
         return write_answer(result, call.prefer)
     if call.method not in ("GET", "HEAD") and not (call.method == "POST" and call.search):
         raise error(405, "not-supported", f"{call.method} is not supported on this URL")
     summary = check_summary(_param(call.params, "_summary"))
     elements = parse_elements(_param(call.params, "_elements"))
     if call.history:
-        return Answer(200, await _history(service, principal, call, base, summary, elements))
-    if call.vid is not None:
-        found = await service.vread(principal, call.type, call.id, call.vid)
+        bundle, shown = await _history(service, principal, call, base, summary, elements)
+    elif call.id is not None:
+        if call.vid is not None:
+            found = await service.vread(principal, call.type, call.id, call.vid)
+        else:
+            found = await service.read(principal, call.type, call.id)
+        await trail.record(trail.event(subtype, status=200, **trail.touched([found])))
         return Answer(200, _shaped(found.body, summary, elements), found)
-    if call.id is not None:
-        found = await service.read(principal, call.type, call.id)
-        return Answer(200, _shaped(found.body, summary, elements), found)
-    return Answer(200, await _search(service, principal, call, base, summary, elements))
+    else:
+        bundle, shown = await _search(service, principal, call, base, summary, elements)
+    query = f"{call.type or ''}?{urlencode(call.params)}"
+    await trail.record(trail.event(subtype, status=200, query=query, **trail.touched(shown)))
+    return Answer(200, bundle)
 
 
 async def _search(
@@ -202,8 +247,9 @@ async def _search(
     base: str,
     summary: str | None,
     elements: frozenset[str] | None,
-) -> dict:
-    """A searchset Bundle: type, system, compartment search or a later page."""
+) -> tuple[dict, list[Version]]:
+    """A searchset Bundle (type, system, compartment search or a later page) and the
+    resources it shows."""
     key = _param(call.params, "_getpages")
     if key is not None:
         offset = _int_param(call.params, "_getpagesoffset", 0)
@@ -253,7 +299,7 @@ async def _search(
     bundle["entry"] = [
         _search_entry(v, base, "match", summary, elements) for v in found.matches
     ] + [_search_entry(v, base, "include", summary, elements) for v in found.included]
-    return bundle
+    return bundle, found.matches + found.included
 
 
 #: Result parameters that later pages of a search keep applying.
@@ -305,7 +351,8 @@ async def _history(
     base: str,
     summary: str | None,
     elements: frozenset[str] | None,
-) -> dict:
+) -> tuple[dict, list[Version]]:
+    """A history Bundle and the versions it shows."""
     for key, _ in call.params:
         if key not in _HISTORY_PARAMS:
             raise error(400, "not-supported", f"Unknown history parameter {key!r}")
@@ -323,7 +370,7 @@ async def _history(
     used = [(k, v) for k, v in call.params if k in ("_since", "_at", "_summary", "_elements")]
     bundle = _bundle("history", page, path, used, count, offset)
     bundle["entry"] = [_history_entry(v, base, summary, elements) for v in page.items]
-    return bundle
+    return bundle, page.items
 
 
 def _history_entry(v: Version, base: str, summary, elements) -> dict:

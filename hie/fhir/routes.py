@@ -7,15 +7,21 @@ Each route authenticates the caller, turns the request into a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from hie.access import purpose
+from hie.access.decision import require_purpose
 from hie.access.principal import LOCAL_DEVELOPER, Principal
+from hie.audit.events import REST, Where, operation_coding
+from hie.audit.trail import Trail
 from hie.fhir import bundles
 from hie.fhir.capability import capability_statement
-from hie.fhir.errors import error
+from hie.fhir.errors import FhirError, error
 from hie.fhir.http import (
     JSON_PATCH,
     Format,
@@ -28,11 +34,12 @@ from hie.fhir.http import (
     read_body,
     version_headers,
 )
-from hie.fhir.interactions import Answer, Call, perform
+from hie.fhir.interactions import Answer, Call, attempted, interaction, perform
 from hie.fhir.service import FhirService, check_type
 from hie.fhir.validation import parse_json
 
 router = APIRouter(prefix="/fhir")
+T = TypeVar("T")
 
 #: Base URLs by the request attributes Starlette builds them from (building one costs
 #: more than the rest of a read's routing); bounded, since clients choose the Host.
@@ -61,11 +68,29 @@ def base_url(request: Request) -> str:
     return found
 
 
-def authenticate(request: Request) -> Principal:
-    """The caller: from the bearer token, or the local developer when auth is off."""
+def authenticate(request: Request, trail: Trail) -> Principal:
+    """The caller (recorded in ``trail`` as soon as it is known): from the bearer
+    token, or the local developer when auth is off, asking for the purpose of use the
+    ``X-Purpose-Of-Use`` header names (400 if unknown, 403 for a break-glass purpose
+    the client may not assert)."""
     if not request.app.state.settings.auth:
-        return LOCAL_DEVELOPER
-    return request.app.state.tokens.authenticate(request.headers.get("authorization"))
+        principal = LOCAL_DEVELOPER
+    else:
+        principal = request.app.state.tokens.authenticate(request.headers.get("authorization"))
+    trail.principal = principal
+    header = request.headers.get(purpose.HEADER)
+    if header is not None:
+        principal = trail.principal = principal.for_purpose(purpose.parse_purpose(header))
+    require_purpose(principal)
+    return principal
+
+
+def open_trail(request: Request) -> Trail:
+    """The audit trail of a request."""
+    state = request.app.state
+    client = request.client
+    where = Where(base_url(request), client.host if client else None)
+    return Trail(state.audit, state.store, state.patient_links, where)
 
 
 def _service(request: Request) -> FhirService:
@@ -89,13 +114,62 @@ def _render(
     return fhir_response(answer.status, answer.body, fmt, headers)
 
 
-async def _run(request: Request, call: Call, read: bool = False) -> Response:
-    fmt = negotiate(request)  # 406 before doing any work
-    principal = authenticate(request)
-    call.prefer = prefer(request)
-    base = base_url(request)
-    answer = await perform(_service(request), principal, call, base)
+#: Reads a request's body into its Call (after the caller is authenticated).
+Loader = Callable[[Request, Call], Awaitable[None]]
+
+
+async def _load_resource(request: Request, call: Call) -> None:
+    call.body = await _json_body(request)
+
+
+async def _load_patch(request: Request, call: Call) -> None:
+    call.body = await _json_body(request, {JSON_PATCH})
+
+
+async def _load_form(request: Request, call: Call) -> None:
+    call.params = await _form(request)
+
+
+async def _run(request: Request, call: Call, read: bool = False, load: Loader | None = None):
+    """Authenticate, read the body, perform the interaction and answer it; every
+    outcome, refusals and failures included, leaves an audit record."""
+    trail = open_trail(request)
+    try:
+        fmt = negotiate(request)
+        principal = authenticate(request, trail)
+        if call.method in ("PUT", "PATCH", "DELETE"):
+            call.if_match = _if_match(request)
+        if load is not None:
+            await load(request, call)
+        call.prefer = prefer(request)
+        base = base_url(request)
+        answer = await perform(_service(request), principal, call, base, trail)
+    except FhirError as exc:
+        await trail.failed(interaction(call), exc, resources=attempted(call))
+        raise
     return _render(request, answer, base, fmt, read)
+
+
+async def operation(
+    request: Request,
+    coding: dict,
+    run: Callable[[Principal, Trail], Awaitable[T]],
+    kind: dict = REST,
+) -> tuple[Format, T]:
+    """Run an operation for the authenticated caller: ``run(principal, trail)``
+    records its own success; a refusal or failure is recorded here (as ``kind``,
+    subtype ``coding``)."""
+    trail = open_trail(request)
+    try:
+        fmt = negotiate(request)
+        principal = authenticate(request, trail)
+        return fmt, await run(principal, trail)
+    except FhirError as exc:
+        await trail.failed("operation", exc, subtype_coding=coding, kind=kind)
+        raise
+
+
+REINDEX = operation_coding("$reindex")
 
 
 def _params(request: Request) -> list[tuple[str, str]]:
@@ -121,12 +195,21 @@ async def metadata(request: Request) -> Response:
 @router.post("/")
 async def batch_or_transaction(request: Request) -> Response:
     """Process a batch or transaction Bundle."""
-    fmt = negotiate(request)
-    principal = authenticate(request)
-    preference = prefer(request)
-    bundle = await _json_body(request)
-    base = base_url(request)
-    result = await bundles.process(_service(request), principal, bundle, base, preference)
+    trail = open_trail(request)
+    kind = "batch"
+    try:
+        fmt = negotiate(request)
+        principal = authenticate(request, trail)
+        bundle = await _json_body(request)
+        if isinstance(bundle, dict) and bundle.get("type") == "transaction":
+            kind = "transaction"
+        base = base_url(request)
+        result = await bundles.process(
+            _service(request), principal, bundle, base, prefer(request), trail
+        )
+    except FhirError as exc:
+        await trail.failed(kind, exc)
+        raise
     return fhir_response(200, result, fmt)
 
 
@@ -140,7 +223,7 @@ async def search_system(request: Request) -> Response:
 @router.post("/_search")
 async def search_system_post(request: Request) -> Response:
     """System-level search with form-encoded parameters."""
-    return await _run(request, Call("POST", search=True, params=await _form(request)))
+    return await _run(request, Call("POST", search=True), load=_load_form)
 
 
 @router.post("/$reindex")
@@ -156,14 +239,17 @@ async def reindex_type(request: Request, type_: str) -> Response:
 
 
 async def _reindex(request: Request, type_: str | None) -> Response:
-    fmt = negotiate(request)
-    principal = authenticate(request)
-    if type_ is not None:
-        check_type(type_)
-    for key, _ in _params(request):
-        if key not in ("_format", "_pretty"):
-            raise error(400, "not-supported", f"Unknown parameter {key!r} for $reindex")
-    done, skipped = await _service(request).reindex(principal, type_)
+    async def run(principal: Principal, trail: Trail) -> tuple[int, list[str]]:
+        if type_ is not None:
+            check_type(type_)
+        for key, _ in _params(request):
+            if key not in ("_format", "_pretty"):
+                raise error(400, "not-supported", f"Unknown parameter {key!r} for $reindex")
+        found = await _service(request).reindex(principal, type_)
+        await trail.record(trail.event("operation", status=200, subtype_coding=REINDEX))
+        return found
+
+    fmt, (done, skipped) = await operation(request, REINDEX, run)
     result = {
         "resourceType": "Parameters",
         "parameter": [
@@ -200,46 +286,33 @@ async def search(request: Request, type_: str) -> Response:
 @router.post("/{type_}/_search")
 async def search_post(request: Request, type_: str) -> Response:
     """Search (POST with form-encoded parameters, merged with the URL's)."""
-    call = Call("POST", type_, search=True, params=await _form(request))
-    return await _run(request, call)
+    return await _run(request, Call("POST", type_, search=True), load=_load_form)
 
 
 @router.post("/{type_}")
 async def create(request: Request, type_: str) -> Response:
     """Create, conditional with If-None-Exist."""
-    call = Call("POST", type_, body=await _json_body(request))
+    call = Call("POST", type_)
     inx = request.headers.get("if-none-exist")
     if inx is not None:
         call.if_none_exist = parse_qsl(
             inx.removeprefix(f"{type_}?").lstrip("?"), keep_blank_values=True
         )
-    return await _run(request, call)
+    return await _run(request, call, load=_load_resource)
 
 
 @router.put("/{type_}")
 async def conditional_update(request: Request, type_: str) -> Response:
     """Conditional update: ``PUT Type?criteria``."""
-    call = Call(
-        "PUT",
-        type_,
-        params=_params(request),
-        body=await _json_body(request),
-        if_match=_if_match(request),
-    )
-    return await _run(request, call)
+    call = Call("PUT", type_, params=_params(request))
+    return await _run(request, call, load=_load_resource)
 
 
 @router.patch("/{type_}")
 async def conditional_patch(request: Request, type_: str) -> Response:
     """Conditional patch: ``PATCH Type?criteria`` with a JSON Patch body."""
-    call = Call(
-        "PATCH",
-        type_,
-        params=_params(request),
-        body=await _json_body(request, {JSON_PATCH}),
-        if_match=_if_match(request),
-    )
-    return await _run(request, call)
+    call = Call("PATCH", type_, params=_params(request))
+    return await _run(request, call, load=_load_patch)
 
 
 @router.delete("/{type_}")
@@ -263,27 +336,21 @@ async def read(request: Request, type_: str, id_: str) -> Response:
 @router.put("/{type_}/{id_}")
 async def update(request: Request, type_: str, id_: str) -> Response:
     """Update, or create with the client's id."""
-    call = Call("PUT", type_, id_, body=await _json_body(request), if_match=_if_match(request))
-    return await _run(request, call)
+    call = Call("PUT", type_, id_)
+    return await _run(request, call, load=_load_resource)
 
 
 @router.patch("/{type_}/{id_}")
 async def patch(request: Request, type_: str, id_: str) -> Response:
     """Patch with a JSON Patch (RFC 6902) document."""
-    call = Call(
-        "PATCH",
-        type_,
-        id_,
-        body=await _json_body(request, {JSON_PATCH}),
-        if_match=_if_match(request),
-    )
-    return await _run(request, call)
+    call = Call("PATCH", type_, id_)
+    return await _run(request, call, load=_load_patch)
 
 
 @router.delete("/{type_}/{id_}")
 async def delete(request: Request, type_: str, id_: str) -> Response:
     """Delete (logical: a later read gives 410)."""
-    return await _run(request, Call("DELETE", type_, id_, if_match=_if_match(request)))
+    return await _run(request, Call("DELETE", type_, id_))
 
 
 @router.get("/{type_}/{id_}/_history")

@@ -18,8 +18,16 @@ import jsonpatch
 import jsonpointer
 
 from hie import jsonio
-from hie.access.decision import require
-from hie.access.principal import Principal
+from hie.access.decision import (
+    AUDIT_TYPES,
+    disclose,
+    permits,
+    require,
+    require_change,
+    require_role,
+    stamp,
+)
+from hie.access.principal import ADMIN, Principal
 from hie.config import Settings
 from hie.fhir.errors import FhirError, error
 from hie.fhir.search.dates import now, to_fhir_instant
@@ -29,7 +37,15 @@ from hie.fhir.search.params import Include, SearchRequest, parse_search
 from hie.fhir.search.registry import COMPARTMENTS, InvalidSearchParameter, Registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import check_resource, small_int, valid_id
-from hie.store import ConditionConflict, Page, Store, Version, VersionConflict, Write
+from hie.store import (
+    INTERNAL_TYPES,
+    ConditionConflict,
+    Page,
+    Store,
+    Version,
+    VersionConflict,
+    Write,
+)
 from hie.store.query import AnyOf, Cond, IdIn, Match, Not, Query
 
 log = logging.getLogger("hie")
@@ -57,6 +73,8 @@ class Result:
 
 
 Plan = tuple[Write | None, Result]
+#: Commits a planned write (with its audit record): ``commit(writes, result)``.
+Commit = Callable[[list[Write], Result], Awaitable[None]]
 
 
 def version_of(write: Write) -> Version:
@@ -70,6 +88,12 @@ def check_type(type_: str) -> None:
     """404 for a resource type this server does not serve."""
     if type_ not in served_types():
         raise error(404, "not-supported", f"Resource type {type_!r} is not supported")
+
+
+def check_writable(type_: str) -> None:
+    """405 for a type no client may change (the append-only audit log)."""
+    if type_ in AUDIT_TYPES:
+        raise error(405, "not-supported", f"{type_} records are append-only: written by the server")
 
 
 def check_id(id_: str) -> None:
@@ -167,12 +191,12 @@ class FhirService:
                         400, "invalid", f"{type_} is not in the {compartment[0]} compartment"
                     )
                 return [type_]
-            return sorted(members)
+            return sorted(set(members) - AUDIT_TYPES)
         if type_ is not None:
             return [type_]
         listed = [v for k, v in items if k == "_type"]
-        if not listed:
-            return sorted(served_types())
+        if not listed:  # audit records only when named: they are for auditors
+            return sorted(served_types() - AUDIT_TYPES)
         names = [t for value in listed for t in value.split(",")]
         for name in names:
             check_type(name)
@@ -283,12 +307,13 @@ class FhirService:
     ) -> list[Version]:
         """``_include``/``_revinclude`` results; types the caller may not read are
         left out, as SMART scopes require."""
-        return await self.engine.includes(matches, includes, lambda t: principal.allows("r", t))
+        return await self.engine.includes(matches, includes, lambda t: permits(principal, "r", t))
 
     async def reindex(self, principal: Principal, type_: str | None) -> tuple[int, list[str]]:
         """Load custom SearchParameters and rebuild the index of ``type_`` (or of every
         type); returns how many resources were reindexed and the SearchParameters
         skipped, with the reason."""
+        require_role(principal, ADMIN, "$reindex")
         require(principal, "u", type_ or "*")
         skipped = await self.load_custom_parameters()
         types = [type_] if type_ else sorted(served_types())
@@ -378,7 +403,13 @@ class FhirService:
             check_id(id_)
             if await self.store.read(type_, id_) is None:
                 raise error(404, "not-found", f"{type_}/{id_} is not known")
-        return await self.store.history(type_, id_, since=since, at=at, count=count, offset=offset)
+        hidden = INTERNAL_TYPES
+        if type_ is None and not permits(principal, "r", next(iter(AUDIT_TYPES))):
+            hidden = (*INTERNAL_TYPES, *AUDIT_TYPES)
+        page = await self.store.history(
+            type_, id_, since=since, at=at, count=count, offset=offset, exclude=hidden
+        )
+        return Page(disclose(principal, "r", page.items), page.total)
 
     # ---------------------------------------------------------------- plans
     def new_write(
@@ -421,8 +452,10 @@ class FhirService:
         carries the criteria as its guard. ``id_`` is the id already reserved for it
         (transactions resolve ``urn:uuid:`` references first)."""
         check_type(type_)
+        check_writable(type_)
         require(principal, "c", type_)
         check_resource(resource, type_, where)
+        resource = stamp(resource, principal)
         guard: Query = ()
         if if_none_exist is not None:
             guard, found = await self.match(principal, type_, if_none_exist, exclude)
@@ -445,6 +478,7 @@ class FhirService:
     ) -> Plan:
         """Update (PUT), creating the resource when it does not exist (or was deleted)."""
         check_type(type_)
+        check_writable(type_)
         require(principal, "u", type_)
         check_id(id_)
         check_resource(resource, type_, where)
@@ -465,6 +499,9 @@ class FhirService:
         creating = prev is None or prev.deleted
         if creating:
             require(principal, "c", type_)
+        else:
+            require_change(principal, prev)
+        resource = stamp(resource, principal)
         write = self.new_write(type_, id_, resource, prev, "PUT")
         if creating:
             return write, Result(201, version_of(write), f"Created {type_}/{id_}")
@@ -480,6 +517,7 @@ class FhirService:
     ) -> Plan:
         """Apply a JSON Patch (RFC 6902) to the current version."""
         check_type(type_)
+        check_writable(type_)
         require(principal, "u", type_)
         check_id(id_)
         if not isinstance(patch, list) or not all(isinstance(op, dict) for op in patch):
@@ -490,6 +528,7 @@ class FhirService:
         _check_if_match(prev, if_match, type_, id_)
         if prev.deleted:
             raise _gone(prev)
+        require_change(principal, prev)
         current = jsonio.loads(prev.body, trusted=True)
         try:
             patched = jsonpatch.JsonPatch(patch).apply(current)
@@ -505,6 +544,7 @@ class FhirService:
             check_resource(patched, type_)
         except FhirError as exc:  # the patch produced an invalid resource: 422, not 400
             raise FhirError(422, exc.issues) from None
+        patched = stamp(patched, principal)
         write = self.new_write(type_, id_, patched, prev, "PATCH")
         return write, Result(200, version_of(write), f"Patched {type_}/{id_}")
 
@@ -514,12 +554,14 @@ class FhirService:
         """Delete: a tombstone version. Deleting what is absent or already deleted
         succeeds without a new version, as the spec allows."""
         check_type(type_)
+        check_writable(type_)
         require(principal, "d", type_)
         check_id(id_)
         prev = await self.store.read(type_, id_)
         _check_if_match(prev, if_match, type_, id_)
         if prev is None or prev.deleted:
             return None, Result(204, prev, f"{type_}/{id_} does not exist; nothing to delete")
+        require_change(principal, prev)
         write = self.new_write(type_, id_, None, prev, "DELETE")
         return write, Result(204, version_of(write), f"Deleted {type_}/{id_}")
 
@@ -544,9 +586,12 @@ class FhirService:
         return (None if write is None else replace(write, guard=query)), result
 
     # ---------------------------------------------------------------- commit
-    async def run(self, plan: Callable[[], Awaitable[Plan]], guarded: bool) -> Result:
-        """Plan and commit one write. A lost race retries (re-reading the state)
-        unless the client guarded the write with If-Match, which then gets 412."""
+    async def run(
+        self, plan: Callable[[], Awaitable[Plan]], guarded: bool, commit: Commit
+    ) -> Result:
+        """Plan and commit one write through ``commit``. A lost race retries
+        (re-reading the state) unless the client guarded the write with If-Match,
+        which then gets 412."""
         for attempt in range(RETRIES):
             if attempt:
                 await backoff(attempt)
@@ -554,7 +599,7 @@ class FhirService:
             if write is None:
                 return result
             try:
-                await self.store.commit([write])
+                await commit([write], result)
                 return result
             except VersionConflict as exc:
                 if guarded:

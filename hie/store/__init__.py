@@ -1,6 +1,7 @@
 """Persistence behind one port: :class:`Store`, with SQLite and MongoDB adapters."""
 
 from hie.store.port import (
+    INTERNAL_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -13,6 +14,7 @@ from hie.store.port import (
 )
 
 __all__ = [
+    "INTERNAL_TYPES",
     "ConditionConflict",
     "Event",
     "Page",

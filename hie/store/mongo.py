@@ -28,6 +28,8 @@ Layout (database ``hie`` by default):
 * ``snapshots``: ``{_id: key, refs: [...], n, exp}``, removed by a TTL index on ``exp``
   (MongoDB's TTL monitor runs about once a minute, so loading also checks ``exp``). One
   document per snapshot: 16 MB holds some 300,000 references.
+* ``claims``: ``{_id: key, exp}`` for :meth:`MongoStore.claim`, removed by a TTL index on
+  ``exp`` (claiming also checks ``exp``, the TTL monitor being that slow).
 
 Chains and ``_has`` are resolved before the query runs: the inner query first (ids of
 the chain's targets, or the ``Type/id`` references of the ``_has`` resources), then
@@ -59,7 +61,8 @@ chain and ``_has`` inner queries scatter to every shard and mongos merges the so
 streams, each shard walking its own ``sk``/``lu`` index, so a page costs one index
 walk per shard); ``history`` on ``{t: 1, i: 1}`` (instance history targets one
 shard, and the unique ``(t, i, v)`` index is prefixed by the shard key); ``snapshots``
-on ``{_id: "hashed"}`` (a page load targets one shard; TTL deletion works per shard);
+and ``claims`` on ``{_id: "hashed"}`` (a page load or a claim targets one shard; TTL
+deletion works per shard);
 ``outbox`` and ``counters`` stay unsharded on the primary shard. ``scan`` walks ``_id``
 in order, which a hashed key scatters: reindexing reads every shard.
 """
@@ -69,7 +72,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from bson.decimal128 import Decimal128
@@ -123,7 +126,8 @@ _HISTORY_INDEXES = [
     IndexModel([("lu", DESCENDING), ("seq", DESCENDING)]),
     IndexModel([("t", ASCENDING), ("lu", DESCENDING), ("seq", DESCENDING)]),
 ]
-_SNAPSHOT_INDEXES = [IndexModel([("exp", ASCENDING)], expireAfterSeconds=0)]
+#: For the ``snapshots`` and ``claims`` collections.
+_EXPIRY_INDEXES = [IndexModel([("exp", ASCENDING)], expireAfterSeconds=0)]
 _HISTORY_ORDER = {"lu": -1, "seq": -1}
 _LIVE = {"r": {"$ne": None}}
 
@@ -293,7 +297,8 @@ class MongoStore(Store):
         self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
         self._indexed = set()
         await self._db["history"].create_indexes(_HISTORY_INDEXES)
-        await self._db["snapshots"].create_indexes(_SNAPSHOT_INDEXES)
+        await self._db["snapshots"].create_indexes(_EXPIRY_INDEXES)
+        await self._db["claims"].create_indexes(_EXPIRY_INDEXES)
         try:  # up front: a cross-shard transaction cannot create a collection
             await self._db.create_collection("outbox")
         except CollectionInvalid:
@@ -451,6 +456,7 @@ class MongoStore(Store):
         at: str | None = None,
         count: int = 50,
         offset: int = 0,
+        exclude: Collection[str] = (),
     ) -> Page:
         """Versions newest first (by ``lu``, then commit ``seq``); see :class:`Store`."""
         match: dict[str, Any] = {}
@@ -458,6 +464,8 @@ class MongoStore(Store):
             match["t"] = type_
             if id_ is not None:
                 match["i"] = id_
+        elif exclude:
+            match["t"] = {"$nin": list(exclude)}
         if at is None:
             if since is not None:
                 match["lu"] = {"$gte": since}
@@ -595,6 +603,21 @@ class MongoStore(Store):
         if doc is None or _utc(doc["exp"]) <= dt.datetime.now(dt.UTC):
             return None
         return doc.get("refs", []), doc["n"]
+
+    async def claim(self, key: str, expires: str) -> bool:
+        """Insert ``{_id: key}``; on a duplicate, take it over only if it has expired
+        (one atomic conditional update, so one of concurrent claimers wins)."""
+        claims = self._db["claims"]
+        exp = _utc(expires)
+        try:
+            await claims.insert_one({"_id": key, "exp": exp})
+            return True
+        except DuplicateKeyError:
+            now = dt.datetime.now(dt.UTC)
+            taken = await claims.update_one(
+                {"_id": key, "exp": {"$lte": now}}, {"$set": {"exp": exp}}
+            )
+            return taken.matched_count == 1
 
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:
         """Outbox events with ``seq`` greater than ``seq``, oldest first."""

@@ -21,13 +21,18 @@ Model
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from hie.store.query import IndexRow, Query, Sort
 
 Method = Literal["POST", "PUT", "PATCH", "DELETE"]
+
+#: Types holding the server's own records, not FHIR resources: registered clients and
+#: the audit chain's head and seals. They are stored like resources (versions,
+#: compare-and-set) but never served, searched or listed in a system history.
+INTERNAL_TYPES = ("HieClient", "HieAuditHead", "HieAuditSeal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +160,10 @@ class Store(ABC):
         at: str | None = None,
         count: int = 50,
         offset: int = 0,
+        exclude: Collection[str] = (),
     ) -> Page:
         """Versions newest first, at system (no type), type, or instance level.
+        ``exclude``: types left out of a system-level history.
 
         ``since``: only versions with ``last_updated >= since``. ``at``: for each
         resource only the version that was current at that instant (the newest
@@ -218,6 +225,12 @@ class Store(ABC):
     ) -> tuple[list[str], int] | None:
         """``count`` references of snapshot ``key`` from ``offset`` and the snapshot's
         length, or None when the key is unknown or expired."""
+
+    @abstractmethod
+    async def claim(self, key: str, expires: str) -> bool:
+        """Atomically record ``key`` until the instant ``expires``: True the first time,
+        False while an unexpired claim of ``key`` exists (an expired one may be claimed
+        again). For one-time values such as the ``jti`` of a client assertion."""
 
     @abstractmethod
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:

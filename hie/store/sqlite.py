@@ -6,7 +6,8 @@ Tables: ``resources`` (current version of each resource, body included), ``histo
 non-deleted versions only; ``grp`` numbers a composite row within its resource),
 ``search_part`` (the components of composite rows, keyed by ``grp`` and ``part``),
 ``snapshots``/``snapshot_refs`` (paging snapshots), ``live_counts`` (live resources
-per type, kept by each commit), ``outbox`` and ``counters``.
+per type, kept by each commit), ``outbox``, ``counters`` and ``claims`` (one-time keys
+until their expiry, see :meth:`SqliteStore.claim`).
 ``PRAGMA user_version`` holds the schema version; :func:`migrate` upgrades older files
 in place when the store opens.
 
@@ -44,7 +45,7 @@ import asyncio
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,6 +133,10 @@ SCHEMA = (
         type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL
     )""",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS claims (
+        key TEXT PRIMARY KEY, expires TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS claims_expires ON claims (expires)",
     "CREATE TABLE IF NOT EXISTS live_counts (type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
 #: Indexes whose definition changed in schema 1 (dropped, then created anew).
@@ -758,11 +763,15 @@ class SqliteStore(Store):
         at: str | None = None,
         count: int = 50,
         offset: int = 0,
+        exclude: Collection[str] = (),
     ) -> Page:
         where, params = [], []
         if type_ is not None:
             where.append("h.type = ?")
             params.append(type_)
+        elif exclude:
+            where.append(f"h.type NOT IN ({', '.join('?' * len(exclude))})")
+            params.extend(exclude)
         if id_ is not None:
             where.append("h.id = ?")
             params.append(id_)
@@ -914,6 +923,27 @@ class SqliteStore(Store):
             return [r for (r,) in refs], found[0]
 
         return await self._run_read(run)
+
+    async def claim(self, key: str, expires: str) -> bool:
+        """Insert ``key`` unless an unexpired claim holds it; expired claims are purged
+        in the same transaction."""
+
+        def run() -> bool:
+            conn = self._write_conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM claims WHERE expires <= ?", (_now(),))
+                added = conn.execute(
+                    "INSERT INTO claims VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                    (key, _instant(expires)),
+                ).rowcount
+                conn.execute("COMMIT")
+                return added == 1
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        return await self._run_write(run)
 
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:
         def run(conn: sqlite3.Connection) -> list[Event]:

@@ -219,7 +219,9 @@ def test_bad_custom_parameters_are_rejected_with_the_reason(changes, message):
 
 
 def test_alliance_definitions_are_loaded_and_checked():
-    assert alliance_definitions() == []  # none shipped yet
+    shipped = {d["url"]: d for d in alliance_definitions()}
+    assert list(shipped) == ["http://hie.example/fhir/SearchParameter/AuditEvent-purpose"]
+    assert "purpose" in Registry().params("AuditEvent")
     registry = Registry(alliance=[custom()])
     assert "nickname" in registry.params("Patient")
     with pytest.raises(InvalidSearchParameter, match="alliance SearchParameter http://a/b: "):

@@ -1068,6 +1068,44 @@ async def test_expired_snapshots_are_gone(store: Store):
     assert await store.load_snapshot("new", 0, 10) == (["Patient/b"], 1)
 
 
+# --- claims ----------------------------------------------------------------------
+
+
+async def test_claims(store: Store):
+    assert await store.claim("client-a:jti-1", FUTURE) is True
+    assert await store.claim("client-a:jti-1", FUTURE) is False
+    assert await store.claim("client-a:jti-1", "2999-01-02T00:00:00+01:00") is False
+    assert await store.claim("client-b:jti-1", FUTURE) is True
+
+
+async def test_expired_claims_may_be_claimed_again(store: Store):
+    assert await store.claim("old", PAST) is True
+    assert await store.claim("old", PAST) is True
+    assert await store.claim("old", FUTURE) is True
+    assert await store.claim("old", FUTURE) is False
+
+
+async def test_concurrent_claims_one_wins(store: Store):
+    results = await asyncio.gather(*(store.claim("contested", FUTURE) for _ in range(20)))
+    assert results.count(True) == 1
+    await store.claim("lapsed", PAST)
+    results = await asyncio.gather(*(store.claim("lapsed", FUTURE) for _ in range(20)))
+    assert results.count(True) == 1
+
+
+async def test_claims_survive_close_and_reopen(make_store):
+    first = make_store()
+    await first.open()
+    assert await first.claim("k", FUTURE) is True
+    await first.close()
+    again = make_store()
+    await again.open()
+    try:
+        assert await again.claim("k", FUTURE) is False
+    finally:
+        await again.close()
+
+
 # --- the reference evaluator -------------------------------------------------------
 
 

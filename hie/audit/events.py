@@ -1,0 +1,219 @@
+"""AuditEvent records shaped after IHE BALP (Basic Audit Log Patterns).
+
+One record per interaction: ``type``/``subtype`` say what was done (a RESTful
+interaction, an operation, a token request), ``action`` and ``outcome`` how it went,
+``agent`` who asked (the client as *Source Role ID*, its member organisation, the end
+user when the token names one, this server as *Destination Role ID*), ``source`` is
+this server, ``entity`` what was touched (each resource version, the patients, and
+the query of a search), ``purposeOfEvent`` why. A break-glass purpose also puts its
+code in ``meta.security``, so auditors find those events with ``_security``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hie.access.principal import Principal
+from hie.access.purpose import BREAK_GLASS, PURPOSES
+from hie.access.purpose import SYSTEM as PURPOSE_SYSTEM
+from hie.fhir.search.dates import now, to_fhir_instant
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+REST = {
+    "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+    "code": "rest",
+    "display": "Restful Operation",
+}
+INTERACTION_SYSTEM = "http://hl7.org/fhir/restful-interaction"
+OPERATION_SYSTEM = "http://hie.example/fhir/CodeSystem/operation"
+CLIENT_SYSTEM = "http://hie.example/fhir/sid/client-id"
+LOGIN = {"system": DCM, "code": "110114", "display": "User Authentication"}
+LOGIN_SUBTYPE = {"system": DCM, "code": "110122", "display": "Login"}
+SECURITY_ALERT = {"system": DCM, "code": "110113", "display": "Security Alert"}
+SECURITY_CHANGED = {"system": DCM, "code": "110137", "display": "User Security Attributes Changed"}
+_ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+_ENTITY_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+_PATIENT = (
+    {"system": _ENTITY_TYPE, "code": "1", "display": "Person"},
+    {"system": _ENTITY_ROLE, "code": "1", "display": "Patient"},
+)
+_RESOURCE = (
+    {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
+    {"system": _ENTITY_ROLE, "code": "4", "display": "Domain Resource"},
+)
+_QUERY = (
+    {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
+    {"system": _ENTITY_ROLE, "code": "24", "display": "Query"},
+)
+_SOURCE_ROLE = {"system": DCM, "code": "110153", "display": "Source Role ID"}
+_DESTINATION_ROLE = {"system": DCM, "code": "110152", "display": "Destination Role ID"}
+_ORGANIZATION_ROLE = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+    "code": "PROV",
+    "display": "healthcare provider",
+}
+_HUMAN_USER = {
+    "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+    "code": "humanuser",
+    "display": "human user",
+}
+_APPLICATION_SERVER = {
+    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+    "code": "4",
+    "display": "Application Server",
+}
+
+#: AuditEvent.action of each RESTful interaction (C create, R read, U update,
+#: D delete, E execute: searches, operations, bundles).
+ACTIONS = {
+    "create": "C",
+    "read": "R",
+    "vread": "R",
+    "update": "U",
+    "patch": "U",
+    "delete": "D",
+    "history-instance": "R",
+    "history-type": "R",
+    "history-system": "R",
+    "search": "E",
+    "search-type": "E",
+    "search-system": "E",
+    "transaction": "E",
+    "batch": "E",
+    "operation": "E",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """The request's circumstances: this server's base URL and the caller's address."""
+
+    base: str
+    address: str | None
+
+
+def outcome_code(status: int) -> str:
+    """AuditEvent.outcome for an HTTP status: 0 success, 4 minor failure (the
+    request was refused or invalid), 8 serious failure (the server failed)."""
+    if status < 400:
+        return "0"
+    return "4" if status < 500 else "8"
+
+
+def operation_coding(name: str) -> dict:
+    """The subtype coding naming an operation (``$verify``) or a non-FHIR endpoint."""
+    return {"system": OPERATION_SYSTEM, "code": name}
+
+
+def audit_event(
+    where: Where,
+    principal: Principal | None,
+    subtype: str,
+    *,
+    status: int,
+    detail: str | None = None,
+    resources: Iterable[str] = (),
+    patients: Iterable[str] = (),
+    query: str | None = None,
+    kind: dict = REST,
+    subtype_coding: dict | None = None,
+    action: str | None = None,
+) -> dict:
+    """An AuditEvent for one interaction. ``subtype``: a restful-interaction code
+    (``subtype_coding`` replaces it for operations and logins); ``resources``:
+    references (``Type/id/_history/v``) of what was touched; ``patients``:
+    ``Patient/<id>`` the data concerns; ``query``: the query string of a search."""
+    coding = subtype_coding or {"system": INTERACTION_SYSTEM, "code": subtype}
+    event: dict = {
+        "resourceType": "AuditEvent",
+        "type": kind,
+        "subtype": [coding],
+        "action": action or ACTIONS.get(subtype, "E"),
+        "recorded": to_fhir_instant(now()),
+        "outcome": outcome_code(status),
+    }
+    if detail:
+        event["outcomeDesc"] = detail[:2000]
+    if principal is not None:
+        event["purposeOfEvent"] = [_purpose(principal.purpose)]
+        if principal.purpose in BREAK_GLASS:
+            event["meta"] = {"security": [_purpose(principal.purpose)["coding"][0]]}
+    event["agent"] = _agents(where, principal)
+    event["source"] = {
+        "site": where.base,
+        "observer": {"display": "HIE FHIR server", "identifier": {"value": where.base}},
+        "type": [_APPLICATION_SERVER],
+    }
+    entities = [_entity(ref, _RESOURCE) for ref in resources]
+    entities += [_entity(ref, _PATIENT) for ref in dict.fromkeys(patients)]
+    if query is not None:
+        entities.append(
+            {
+                "type": _QUERY[0],
+                "role": _QUERY[1],
+                "description": query[:2000],
+                "query": base64.b64encode(query.encode()).decode(),
+            }
+        )
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def _purpose(code: str) -> dict:
+    return {"coding": [{"system": PURPOSE_SYSTEM, "code": code, "display": PURPOSES[code]}]}
+
+
+def _entity(reference: str, roles: tuple[dict, dict]) -> dict:
+    return {"what": {"reference": reference}, "type": roles[0], "role": roles[1]}
+
+
+def _agents(where: Where, principal: Principal | None) -> list[dict]:
+    client: dict = {"type": {"coding": [_SOURCE_ROLE]}}
+    if principal is None:
+        client["who"] = {"display": "unauthenticated caller"}
+        client["requestor"] = True
+    else:
+        client["who"] = {
+            "identifier": {"system": CLIENT_SYSTEM, "value": principal.client_id},
+            "display": principal.client_id,
+        }
+        client["altId"] = principal.client_id
+        client["name"] = principal.client_id
+        client["requestor"] = principal.user is None
+        if principal.token_id:
+            client["policy"] = [principal.token_id]
+        client["purposeOfUse"] = [_purpose(principal.purpose)]
+    if where.address:
+        client["network"] = {"address": where.address, "type": "2"}
+    agents = [client]
+    if principal is not None and principal.organization:
+        agents.append(
+            {
+                "type": {"coding": [_ORGANIZATION_ROLE]},
+                "who": {"reference": principal.organization},
+                "requestor": False,
+            }
+        )
+    if principal is not None and principal.user:
+        user: dict = {
+            "type": {"coding": [_HUMAN_USER]},
+            "who": {"identifier": {"value": principal.user}, "display": principal.user},
+            "name": principal.user,
+            "requestor": True,
+            "purposeOfUse": [_purpose(principal.purpose)],
+        }
+        if principal.user_role:
+            user["role"] = [{"text": principal.user_role}]
+        agents.append(user)
+    agents.append(
+        {
+            "type": {"coding": [_DESTINATION_ROLE]},
+            "who": {"identifier": {"value": where.base}, "display": "HIE FHIR server"},
+            "requestor": False,
+            "network": {"address": where.base, "type": "5"},
+        }
+    )
+    return agents
