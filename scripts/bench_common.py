@@ -142,7 +142,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the benchmark process dies (Linux)."""
     with contextlib.suppress(Exception):
         import ctypes
@@ -167,7 +167,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: Ctrl-C reaches only the bench
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

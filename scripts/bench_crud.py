@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """CRUD and transaction-ingest benchmark of the HIE FHIR API on the embedded store.
 
-Starts a real ``hie serve`` subprocess (fresh temporary data directory, a free port on
-127.0.0.1, authentication on, a token minted with ``hie token``), pre-fills the store
-with transaction Bundles up to each data size, and drives it with N concurrent
-``httpx.AsyncClient`` workers for four operations:
+Starts two real ``hie serve`` subprocesses on the same fresh temporary data directory
+(free ports on 127.0.0.1): ``hie``, the secured server (authentication and audit on, a
+token minted with ``hie token``), and ``open`` (``HIE_AUTH=off HIE_AUDIT=off``). Only
+one of them is under load at a time. It pre-fills the store through the secured server
+with transaction Bundles up to each data size, and drives the servers with N
+concurrent ``httpx.AsyncClient`` workers for four operations:
 
 * ``read``   GET ``/fhir/{type}/{id}`` of random stored resources;
 * ``update`` PUT ``/fhir/Observation/{id}`` of random stored Observations;
@@ -12,13 +14,20 @@ with transaction Bundles up to each data size, and drives it with N concurrent
 * ``bundle`` POST ``/fhir`` transaction Bundles: one Patient plus Observations that
   reference it through its ``urn:uuid:`` fullUrl.
 
-Each operation is measured next to two baselines taken in the same run:
+Each operation runs ``--rounds`` times on each of the two servers, in alternating order
+(``hie open open hie ...``, so that drift and the growing store hit both alike), and
+then against two baselines:
 
 * ``bare``: a minimal FastAPI app served by uvicorn in a subprocess the same way
   (same worker count) whose routes return fixed responses carrying the very bytes HIE
   returned for that operation (write routes read the request body first);
 * ``raw``: the same work on :class:`hie.store.sqlite.SqliteStore` in-process (a commit
   of a pre-built ``Write``, ``read()``, one commit of a whole Bundle's writes).
+
+Reads are also measured on both servers at each ``--scaling`` concurrency. For the two
+HIE servers the script reads from the database file (read-only) how many AuditEvents
+each phase wrote, in how many group commits (versions of ``HieAuditHead/head``), and
+how much the database grew.
 
 Every data size (``--sizes``) gets a fresh store. Every phase is warmed up and then
 runs for a fixed duration (or a fixed count with ``--ops``); everything listens on
@@ -48,13 +57,15 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -67,6 +78,7 @@ from bench_common import (  # the scripts' shared helpers, next to this file
     LOINC,
     Server,
     clean_env,
+    die_with_parent,
     fmt_ms,
     fmt_num,
     free_port,
@@ -85,7 +97,7 @@ from starlette.responses import Response
 MEDIA = f"{FHIR_JSON}; charset=utf-8"
 BARE_ENV = "HIE_BENCH_BARE_SPEC"
 OPS = ("read", "update", "create", "bundle")
-VARIANTS = ("hie", "bare", "raw")
+SERVED = ("hie", "open")  # HIE with auth and audit on; with both off (baselines: bare, raw)
 EXPECTED_STATUS = {"read": 200, "update": 200, "create": 201, "bundle": 200}
 PHASE_TIMEOUT = 600.0  # hard stop for --ops phases
 PREFILL_CONCURRENCY = 4
@@ -300,9 +312,44 @@ class PhaseResult:
     server_cpu_ms_per_op: float | None  # serving side: server process tree, or in-process
     client_cpu_pct: float | None  # load generator CPU (HTTP variants), % of one core
     other_cpu_cores: float | None  # CPU used by everything else on the machine, in cores
+    concurrency: int = 0
+    round: int = 1  # which of the --rounds this is (hie and open)
     attempts: int = 1  # measurements taken (a disturbed phase is measured again)
     kept: int = 1  # which of them is reported (the one least disturbed)
     first_error: str | None = None
+    # hie and open only, over warm-up and every attempt: requests sent, AuditEvents
+    # and group commits (HieAuditHead versions) added, logical database growth
+    requests: int | None = None
+    audit_records: int | None = None
+    audit_commits: int | None = None
+    db_growth_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """What the database file holds, read from it read-only."""
+
+    data: int  # the benchmark's live resources: not AuditEvent, not the internal Hie*
+    audit_records: int  # AuditEvent rows
+    audit_commits: int  # versions of HieAuditHead/head: one per audit group commit
+    bytes: int  # pages in use, WAL included (the reader's snapshot)
+
+    @classmethod
+    def of(cls, db: Path) -> StoreState:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        with contextlib.closing(conn):
+            conn.execute("BEGIN")  # one read transaction: a consistent snapshot
+            counts = dict(conn.execute("SELECT type, n FROM live_counts"))  # kept per commit
+            head = conn.execute(
+                "SELECT version FROM resources WHERE type = 'HieAuditHead' AND id = 'head'"
+            ).fetchone()
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        data = sum(n for t, n in counts.items() if t != "AuditEvent" and not t.startswith("Hie"))
+        return cls(
+            data, counts.get("AuditEvent", 0), head[0] if head else 0, (pages - free) * page_size
+        )
 
 
 Op = Callable[[int, Any], Awaitable[bool | str]]
@@ -364,15 +411,18 @@ async def measure(
     per_op_resources: int,
     server_pid: int | None,
     warmup_ops: int,
+    concurrency: int | None = None,
 ) -> PhaseResult:
-    """Warm up, then measure one (op, variant, size) phase; measure it again (up to
-    ``--retries`` times, keeping the quietest attempt) while other processes on the
-    machine used more than ``--quiet-threshold`` cores during it."""
+    """Warm up, then measure one (op, variant, size) phase with ``concurrency``
+    workers (default ``--concurrency``); measure it again (up to ``--retries`` times,
+    keeping the quietest attempt) while other processes on the machine used more than
+    ``--quiet-threshold`` cores during it."""
+    workers = concurrency or args.concurrency
     if warmup_ops:
-        await drive(op, items, concurrency=args.concurrency, duration=None, max_ops=warmup_ops)
+        await drive(op, items, concurrency=workers, duration=None, max_ops=warmup_ops)
     best: PhaseResult | None = None
     for attempt in range(1, args.retries + 2):
-        result = await _measure_once(name, op, items, args, per_op_resources, server_pid)
+        result = await _measure_once(name, op, items, args, per_op_resources, server_pid, workers)
         result.kept = attempt
         if result.ops + result.errors == 0:  # the items ran out (pre-built raw writes)
             break
@@ -394,13 +444,14 @@ async def _measure_once(
     args: argparse.Namespace,
     per_op_resources: int,
     server_pid: int | None,
+    concurrency: int,
 ) -> PhaseResult:
     op_name, variant, target, size = name
     cpu0 = tree_cpu_seconds(server_pid) if server_pid else None
     proc0 = time.process_time()
     busy0 = machine_busy_seconds()
     ok, errors, seconds, lat, first_error = await drive(
-        op, items, concurrency=args.concurrency, duration=args.duration, max_ops=args.ops
+        op, items, concurrency=concurrency, duration=args.duration, max_ops=args.ops
     )
     busy1 = machine_busy_seconds()
     proc1 = time.process_time()
@@ -433,11 +484,13 @@ async def _measure_once(
         server_cpu_ms_per_op=(server_cpu * 1e3 / done) if server_cpu is not None and done else None,
         client_cpu_pct=client_pct,
         other_cpu_cores=other,
+        concurrency=concurrency,
         first_error=first_error,
     )
     extra = f", {result.resources_per_s:,.0f} res/s" if per_op_resources > 1 else ""
     log(
-        f"  {op_name:6} {variant:4} @ {size:>7,}: {result.ops_per_s:9,.1f} ops/s{extra}"
+        f"  {op_name:6} {variant:4} c{concurrency:<3} @ {size:>7,}: "
+        f"{result.ops_per_s:9,.1f} ops/s{extra}"
         f"  p50 {result.p50_ms:7.2f} ms  p95 {result.p95_ms:7.2f} ms"
         + (f"  other CPU {other:.2f} cores" if other is not None and other > 0.2 else "")
         + (f"  ERRORS {errors} ({first_error})" if errors else "")
@@ -507,12 +560,6 @@ def serve_bare(port: int, workers: int) -> None:
 # --------------------------------------------------------------------------- benchmark
 
 
-def cycle_shuffled(items: list, rng: random.Random) -> Iterator:
-    items = list(items)
-    rng.shuffle(items)
-    return itertools.cycle(items)
-
-
 class Bench:
     """One benchmark run: per data size a fresh store, pre-fill, then every phase."""
 
@@ -525,22 +572,27 @@ class Bench:
         self.pool = Pool()
         self.results: list[PhaseResult] = []
         self.prefill_stats: list[dict] = []
-        self.spans: dict[int, tuple[int, int]] = {}  # size step -> stored (start, end)
+        self.spans: dict[int, tuple[StoreState, StoreState]] = {}  # size step -> start, end
         self.db_mib: dict[int, float] = {}  # size step -> database + WAL size at its end
-        self.hie: Server | None = None
+        self.hie: Server | None = None  # authentication and audit on
+        self.open: Server | None = None  # HIE_AUTH=off HIE_AUDIT=off, same data
         self.bare: Server | None = None
         self.token = ""
+        self.order = SERVED[::-1]  # the HIE servers' order in the last round
 
     # -- servers and clients -----------------------------------------------------
-    def env(self) -> dict[str, str]:
+    def env(self, secured: bool = True) -> dict[str, str]:
+        switch = "on" if secured else "off"
         return clean_env(
             HIE_DATA_DIR=str(self.data_dir),
-            HIE_AUTH="on",
+            HIE_AUTH=switch,
+            HIE_AUDIT=switch,
             HIE_SQLITE_SYNCHRONOUS=self.args.synchronous,
         )
 
     def start_hie(self, data_dir: Path) -> None:
-        """``hie token`` then ``hie serve`` on a fresh data directory."""
+        """``hie token``, then the secured and the open ``hie serve`` on a fresh data
+        directory."""
         self.data_dir = data_dir
         data_dir.mkdir(parents=True)
         minted = subprocess.run(
@@ -552,11 +604,18 @@ class Bench:
             timeout=120,
         )
         self.token = minted.stdout.strip().splitlines()[-1]
+        self.hie = self.serve("hie serve", secured=True)
+        self.open = self.serve("open hie serve", secured=False)
+
+    def serve(self, name: str, *, secured: bool) -> Server:
+        """A started ``hie serve`` on the current data directory."""
         port = free_port()
         argv = [*hie_executable(), "serve", "--host", HOST, "--port", str(port)]
-        argv += ["--data-dir", str(data_dir), "--workers", str(self.args.workers)]
-        self.hie = Server("hie serve", argv, self.env(), port, self.workdir / "hie.log")
-        self.hie.start()
+        argv += ["--data-dir", str(self.data_dir), "--workers", str(self.args.workers)]
+        log_path = self.workdir / ("hie.log" if secured else "open.log")
+        server = Server(name, argv, self.env(secured), port, log_path)
+        server.start()
+        return server
 
     def start_bare(self, spec: dict) -> None:
         spec_path = self.workdir / "bare-responses.json"
@@ -568,14 +627,14 @@ class Bench:
         self.bare = Server("bare FastAPI app", argv, env, port, self.workdir / "bare.log")
         self.bare.start()
 
-    def clients(self, stack: contextlib.AsyncExitStack, base: str) -> list:
-        """The load generator's HTTP clients: one keep-alive ``httpx.AsyncClient`` per
-        worker, or with ``--shared-pool`` one client whose pool has a connection per
-        worker (httpcore scans its whole pool on every request, which at 16
-        connections doubles the client's CPU per request on this kind of machine)."""
+    def clients(self, stack: contextlib.AsyncExitStack, base: str, n: int) -> list:
+        """The load generator's HTTP clients for ``n`` workers: one keep-alive
+        ``httpx.AsyncClient`` per worker, or with ``--shared-pool`` one client whose
+        pool has a connection per worker (httpcore scans its whole pool on every
+        request, which at 16 connections doubles the client's CPU per request on this
+        kind of machine)."""
         import httpx
 
-        n = self.args.concurrency
         headers = {
             "Authorization": f"Bearer {self.token}",
             "Content-Type": FHIR_JSON,
@@ -598,13 +657,13 @@ class Bench:
             return [make(n)] * n
         return [make(1) for _ in range(n)]
 
-    def stored(self) -> int:
-        """Resources (current versions) in the store right now, read from the file."""
-        import sqlite3
+    def state(self) -> StoreState:
+        """What the current data directory's database holds now."""
+        return StoreState.of(self.data_dir / "hie.sqlite3")
 
-        uri = f"file:{self.data_dir / 'hie.sqlite3'}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-            return conn.execute("SELECT count(*) FROM resources").fetchone()[0]
+    def stored(self) -> int:
+        """The benchmark's resources in the store right now (audit records excluded)."""
+        return self.state().data
 
     # -- pre-fill ----------------------------------------------------------------
     async def prefill(self, clients: list, target: int) -> None:
@@ -720,18 +779,82 @@ class Bench:
         return run
 
     async def run_http(
-        self, variant: str, clients: list, server: Server, op: str, w: dict, target: int
+        self,
+        variant: str,
+        clients: list,
+        server: Server,
+        op: str,
+        w: dict,
+        target: int,
+        concurrency: int,
+        round_: int = 1,
     ) -> PhaseResult:
+        """One phase over HTTP; for the HIE servers also what it added to the store."""
         per = self.args.bundle_size if op == "bundle" else 1
-        return await measure(
-            (op, variant, target, self.stored()),
-            self.http_op(clients, "/fhir" if variant == "hie" else "/bare", op),
-            itertools.cycle(w[op]),
-            args=self.args,
-            per_op_resources=per,
-            server_pid=server.proc.pid,
-            warmup_ops=self.args.concurrency * (1 if op == "bundle" else 4),
+        run = self.http_op(clients, "/bare" if variant == "bare" else "/fhir", op)
+        sent = 0
+
+        async def counted(wid, item):
+            nonlocal sent
+            sent += 1
+            return await run(wid, item)
+
+        before = self.state()
+        profile = variant in SERVED and round_ == 1 and concurrency == self.args.concurrency
+        spy = self.py_spy(server, f"{target}-{op}-{variant}") if profile else None
+        try:
+            result = await measure(
+                (op, variant, target, before.data),
+                counted,
+                itertools.cycle(w[op]),
+                args=self.args,
+                per_op_resources=per,
+                server_pid=server.proc.pid,
+                warmup_ops=concurrency * (1 if op == "bundle" else 4),
+                concurrency=concurrency,
+            )
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+                spy.wait(timeout=60)
+        result.round = round_
+        if variant in SERVED:
+            after = self.state()
+            result.requests = sent
+            result.audit_records = after.audit_records - before.audit_records
+            result.audit_commits = after.audit_commits - before.audit_commits
+            result.db_growth_bytes = after.bytes - before.bytes
+        return result
+
+    def py_spy(self, server: Server, name: str) -> subprocess.Popen | None:
+        """With ``--py-spy DIR``: ``py-spy record`` of ``server`` (every thread,
+        collapsed stacks) to ``DIR/name.txt`` until SIGINT."""
+        if self.args.py_spy is None:
+            return None
+        exe = shutil.which("py-spy") or Path(sys.executable).with_name("py-spy")
+        out = Path(self.args.py_spy) / f"{name}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(exe), "record", "-p", str(server.proc.pid), "-f", "raw", "-o", str(out)]
+        return subprocess.Popen(
+            [*argv, "--threads", "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
+
+    async def run_served(
+        self, op: str, w: dict, target: int, clients: dict[str, list], concurrency: int
+    ) -> None:
+        """``--rounds`` phases of ``op`` on each HIE server; which one goes first
+        alternates from round to round (hie open, open hie, hie open, ...)."""
+        servers = {"hie": self.hie, "open": self.open}
+        for round_ in range(1, self.args.rounds + 1):
+            self.order = self.order[::-1]
+            for v in self.order:
+                r = await self.run_http(
+                    v, clients[v], servers[v], op, w, target, concurrency, round_
+                )
+                self.results.append(r)
 
     async def run_raw(self, store, service, op: str, w: dict, target: int) -> PhaseResult:
         """The same operation on the store directly, in this process."""
@@ -824,33 +947,44 @@ class Bench:
         self.pool = Pool()
         self.start_hie(self.workdir / f"data-{target}")
         async with contextlib.AsyncExitStack() as local:
-            hie_clients = self.clients(local, self.hie.url)
-            await self.prefill(hie_clients, target)
+            n = max([args.concurrency, *args.scaling])
+            clients = {
+                "hie": self.clients(local, self.hie.url, n),
+                "open": self.clients(local, self.open.url, n),
+            }
+            await self.prefill(clients["hie"], target)
             if self.bare is None:
-                self.start_bare(await self.capture_bare_spec(hie_clients[0]))
-                self.bare_clients = self.clients(stack, self.bare.url)
+                self.start_bare(await self.capture_bare_spec(clients["hie"][0]))
+                self.bare_clients = self.clients(stack, self.bare.url, args.concurrency)
             w = self.make_workloads()
-            first = self.stored()
-            log(f"size {target:,}: store holds {first:,} resources")
+            first = self.state()
+            log(
+                f"size {target:,}: store holds {first.data:,} resources "
+                f"and {first.audit_records:,} AuditEvents"
+            )
             settings = Settings(data_dir=self.data_dir, sqlite_synchronous=args.synchronous)
             store = SqliteStore(self.data_dir, synchronous=args.synchronous)
             await store.open()
             local.push_async_callback(store.close)
             service = FhirService(store, settings, Registry())
             for op in OPS:
-                for variant in VARIANTS:
-                    if variant == "hie":
-                        r = await self.run_http("hie", hie_clients, self.hie, op, w, target)
-                    elif variant == "bare":
-                        r = await self.run_http("bare", self.bare_clients, self.bare, op, w, target)
-                    else:
-                        r = await self.run_raw(store, service, op, w, target)
-                    self.results.append(r)
-        self.spans[target] = (first, self.stored())
+                await self.run_served(op, w, target, clients, args.concurrency)
+                self.results.append(
+                    await self.run_http(
+                        "bare", self.bare_clients, self.bare, op, w, target, args.concurrency
+                    )
+                )
+                self.results.append(await self.run_raw(store, service, op, w, target))
+                if op == "read":  # throughput against concurrency, before the writes
+                    for c in args.scaling:
+                        if c != args.concurrency:
+                            await self.run_served(op, w, target, clients, c)
+        self.spans[target] = (first, self.state())
         self.db_mib[target] = round(
             sum(f.stat().st_size for f in self.data_dir.glob("hie.sqlite3*")) / 2**20, 1
         )
         self.hie.stop()
+        self.open.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     async def run(self) -> None:
@@ -858,18 +992,66 @@ class Bench:
             for target in self.args.sizes:
                 await self.run_size(target, stack)
 
+    def servers(self) -> list[Server]:
+        """The running servers: secured HIE, open HIE, bare app (as started)."""
+        return [s for s in (self.hie, self.open, self.bare) if s is not None]
+
     def stop(self) -> None:
-        for server in (self.bare, self.hie):
-            if server is not None:
-                server.stop()
+        for server in self.servers():
+            server.stop()
 
 
 # --------------------------------------------------------------------------- report
 
 
+MEDIAN_FIELDS = (
+    "ops_per_s",
+    "resources_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "server_cpu_ms_per_op",
+    "client_cpu_pct",
+    "other_cpu_cores",
+)
+SUM_FIELDS = (
+    "ops",
+    "errors",
+    "seconds",
+    "attempts",
+    "requests",
+    "audit_records",
+    "audit_commits",
+    "db_growth_bytes",
+)
+Key = tuple[str, str, int, int]  # op, variant, size step, concurrency
+
+
+def medians(results: list[PhaseResult]) -> dict[Key, PhaseResult]:
+    """One figure per (op, variant, size step, concurrency): the median of its rounds,
+    counts summed."""
+    groups: dict[Key, list[PhaseResult]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.variant, r.target, r.concurrency), []).append(r)
+
+    def values(rs: list[PhaseResult], name: str) -> list:
+        return [v for v in (getattr(r, name) for r in rs) if v is not None]
+
+    return {
+        key: replace(
+            rs[0],
+            **{f: statistics.median(v) if (v := values(rs, f)) else None for f in MEDIAN_FIELDS},
+            **{f: sum(v) if (v := values(rs, f)) else None for f in SUM_FIELDS},
+        )
+        for key, rs in groups.items()
+    }
+
+
 def report(bench: Bench, info: dict, argv: list[str]) -> str:
     args = bench.args
-    by = {(r.op, r.variant, r.target): r for r in bench.results}
+    med = medians(bench.results)
+    c = args.concurrency
+    by = {(op, v, t): r for (op, v, t, conc), r in med.items() if conc == c}
     targets = list(dict.fromkeys(r.target for r in bench.results))
     out = ["# HIE CRUD benchmark", "", f"Command: `{' '.join(argv)}`", ""]
     out.append(
@@ -878,11 +1060,11 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
         f"hie {info['hie_revision']}; {info['date']}."
     )
     out.append(
-        f"Settings: concurrency {args.concurrency}, "
+        f"Settings: concurrency {c}, "
         + (f"{args.ops} ops per phase" if args.ops else f"{args.duration:g} s per phase")
         + f", bundle size {args.bundle_size}, {args.workers} uvicorn worker(s), "
-        f"SQLite synchronous={args.synchronous}, seed {args.seed}. "
-        "The load generator and the servers share the same CPUs."
+        f"SQLite synchronous={args.synchronous}, seed {args.seed}, {args.rounds} round(s) "
+        "per HIE server. The load generator and the servers share the same CPUs."
     )
     out += [
         "",
@@ -893,7 +1075,7 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
     ]
     for target in targets:
         for op in OPS:
-            h, b, r = (by.get((op, v, target)) for v in VARIANTS)
+            h, b, r = (by.get((op, v, target)) for v in ("hie", "bare", "raw"))
             if h is None:
                 continue
             cpu = f"{_cpu(h)} / {_cpu(b)}"
@@ -903,33 +1085,32 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
                 f"| {_rate(r, op)} | {_lat(r)} | {_ratio(h, b)} | {_ratio(h, r)} "
                 f"| {cpu} | {_cpu_ratio(h, b)} | {client} |"
             )
+    out += ["", *_audit_table(bench, by, targets), "", *_scaling_table(bench, med, targets)]
     out += [
         "",
         "Targets (embedded store):",
         "",
         "| size | read: HIE / bare >= 50% (throughput; by server CPU) "
+        "| read: secured / open >= 70% (throughput; by server CPU) "
         "| bundle ingest >= 1,000 resources/s |",
-        "|---|---|---|",
+        "|---|---|---|---|",
     ]
     for target in targets:
-        h, b = by.get(("read", "hie", target)), by.get(("read", "bare", target))
+        h, o, b = (by.get(("read", v, target)) for v in ("hie", "open", "bare"))
         bh = by.get(("bundle", "hie", target))
-        read_cell = bundle_cell = "n/a"
-        if h and b and b.ops_per_s:
-            ratio = h.ops_per_s / b.ops_per_s
-            read_cell = f"{ratio:.0%} {'met' if ratio >= 0.5 else 'MISSED'}; {_cpu_ratio(h, b)}"
+        bundle_cell = "n/a"
         if bh:
             ok = bh.resources_per_s >= 1000
             bundle_cell = f"{bh.resources_per_s:,.0f} res/s {'met' if ok else 'MISSED'}"
-        out.append(f"| {target:,} | {read_cell} | {bundle_cell} |")
+        out.append(f"| {target:,} | {_target(h, b, 0.5)} | {_target(h, o, 0.7)} | {bundle_cell} |")
     out.append("")
     spans = ", ".join(
-        f"{t:,}: {bench.spans[t][0]:,} → {bench.spans[t][1]:,} ({bench.db_mib[t]:,.0f} MiB on disk)"
-        for t in targets
-        if t in bench.spans
+        f"{t:,}: {a.data:,} → {b.data:,} resources, {a.audit_records:,} → "
+        f"{b.audit_records:,} AuditEvents ({bench.db_mib[t]:,.0f} MiB on disk)"
+        for t, (a, b) in bench.spans.items()
     )
     out.append(
-        "size = the --sizes step, each on a fresh store; resources stored at its first phase "
+        "size = the --sizes step, each on a fresh store; stored at its first phase "
         f"→ after its last (write phases add data as they run): {spans}."
     )
     if bench.prefill_stats:
@@ -938,8 +1119,8 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
             for p in bench.prefill_stats
         )
         out.append(
-            f"Pre-fill via transaction Bundles over HTTP, concurrency {PREFILL_CONCURRENCY} "
-            f"(includes server warm-up): {fills}."
+            f"Pre-fill via transaction Bundles over HTTP to the secured server, concurrency "
+            f"{PREFILL_CONCURRENCY} (includes server warm-up): {fills}."
         )
     others = [r for r in bench.results if r.other_cpu_cores is not None]
     if others:
@@ -952,12 +1133,101 @@ def report(bench: Bench, info: dict, argv: list[str]) -> str:
             + (" - figures are disturbed; rerun on a quiet machine." if mean > 0.25 else ".")
         )
     out.append(
-        "bare = minimal FastAPI route returning the same bytes; raw = SqliteStore "
+        "HIE = the secured server (authentication and audit on); open = the same server "
+        "on the same store with HIE_AUTH=off HIE_AUDIT=off; each the median of its "
+        "rounds. bare = minimal FastAPI route returning the same bytes; raw = SqliteStore "
         "in-process. Server CPU = CPU time of the server process tree per operation "
-        "(raw: the benchmark process); HIE / bare by CPU = bare CPU per op / HIE CPU per op. "
+        "(raw: the benchmark process); X / Y by CPU = Y's CPU per op / X's CPU per op. "
         "Load-gen CPU = the client process, % of one core."
     )
     return "\n".join(out) + "\n"
+
+
+def _audit_table(bench: Bench, by: dict, targets: list[int]) -> list[str]:
+    """Secured against open per operation, with what the audit log added."""
+    rounds = {}
+    for r in bench.results:
+        if r.variant in SERVED and r.concurrency == bench.args.concurrency:
+            rounds.setdefault((r.op, r.target, r.round), {})[r.variant] = r
+    out = [
+        "Authentication and audit overhead: secured (HIE) against open, concurrency "
+        f"{bench.args.concurrency}:",
+        "",
+        "| size | op | secured ops/s | open ops/s | secured / open (each round) "
+        "| secured p50 / p95 ms | open p50 / p95 ms | server CPU ms/op secured / open "
+        "| secured / open by CPU | AuditEvents per request | AuditEvents per commit "
+        "| DB growth KiB per 1,000 requests secured / open |",
+        "|" + "---|" * 12,
+    ]
+    for target in targets:
+        for op in OPS:
+            h, o = by.get((op, "hie", target)), by.get((op, "open", target))
+            if h is None or o is None:
+                continue
+            each = ", ".join(
+                _ratio(pair["hie"], pair.get("open"))
+                for (op_, t, _), pair in sorted(rounds.items())
+                if (op_, t) == (op, target) and "hie" in pair
+            )
+            out.append(
+                f"| {target:,} | {op} | {_rate(h, op)} | {_rate(o, op)} "
+                f"| {_ratio(h, o)} ({each}) | {_lat(h)} | {_lat(o)} | {_cpu(h)} / {_cpu(o)} "
+                f"| {_cpu_ratio(h, o)} | {_per(h.audit_records, h.requests)} "
+                f"| {_per(h.audit_records, h.audit_commits)} | {_growth(h)} / {_growth(o)} |"
+            )
+    return out
+
+
+def _scaling_table(bench: Bench, med: dict[Key, PhaseResult], targets: list[int]) -> list[str]:
+    """Read throughput against concurrency on both HIE servers, with the group size."""
+    levels = sorted({k[3] for k in med if k[0] == "read" and k[1] in SERVED})
+    if len(levels) < 2:
+        return []
+    out = [
+        "Reads against concurrency (does the audit log serialise the server?):",
+        "",
+        f"| size | concurrency | secured ops/s | open ops/s | secured / open "
+        f"| secured speed-up vs {levels[0]} | open speed-up vs {levels[0]} "
+        "| secured p50 / p95 ms | open p50 / p95 ms | server CPU ms/op secured / open "
+        "| AuditEvents per commit |",
+        "|" + "---|" * 11,
+    ]
+    for target in targets:
+        base = {v: med.get(("read", v, target, levels[0])) for v in SERVED}
+        for level in levels:
+            h, o = (med.get(("read", v, target, level)) for v in SERVED)
+            if h is None or o is None:
+                continue
+            out.append(
+                f"| {target:,} | {level} | {_rate(h, 'read')} | {_rate(o, 'read')} "
+                f"| {_ratio(h, o)} | {_speedup(h, base['hie'])} | {_speedup(o, base['open'])} "
+                f"| {_lat(h)} | {_lat(o)} | {_cpu(h)} / {_cpu(o)} "
+                f"| {_per(h.audit_records, h.audit_commits)} |"
+            )
+    return out
+
+
+def _target(h: PhaseResult | None, base: PhaseResult | None, goal: float) -> str:
+    """A target cell: h's throughput as a share of base's against ``goal``, and the
+    same by server CPU."""
+    if h is None or base is None or not base.ops_per_s:
+        return "n/a"
+    ratio = h.ops_per_s / base.ops_per_s
+    return f"{ratio:.0%} {'met' if ratio >= goal else 'MISSED'}; {_cpu_ratio(h, base)}"
+
+
+def _per(count: int | None, per: int | None) -> str:
+    return "n/a" if count is None or not per else f"{count / per:,.1f}"
+
+
+def _growth(x: PhaseResult) -> str:
+    if x.db_growth_bytes is None or not x.requests:
+        return "n/a"
+    return fmt_num(x.db_growth_bytes / x.requests * 1000 / 1024)
+
+
+def _speedup(x: PhaseResult, base: PhaseResult | None) -> str:
+    return "n/a" if base is None or not base.ops_per_s else f"{x.ops_per_s / base.ops_per_s:.2f}×"
 
 
 def _rate(x: PhaseResult | None, op: str) -> str:
@@ -1027,6 +1297,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one httpx.AsyncClient with a pool of --concurrency connections for all workers "
         "(default: one keep-alive client per worker; the shared pool costs more client CPU)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="phases of each operation on each HIE server (secured and open), in "
+        "alternating order; the report gives their median",
+    )
+    p.add_argument(
+        "--scaling",
+        default="1,4,16",
+        help="concurrencies at which reads are measured on both HIE servers "
+        "(comma-separated; '' for none)",
+    )
     p.add_argument("--seed", type=int, default=20240601, help="RNG seed of the generated data")
     p.add_argument(
         "--retries",
@@ -1043,6 +1326,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a write phase's own disk I/O shows up as some 0.1-0.4 cores of kernel work)",
     )
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON to PATH")
+    p.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="profile each HIE server with py-spy (on PATH or next to this Python) during "
+        "its first round of each operation; collapsed stacks per thread to DIR. The "
+        "profiler takes CPU: take the figures from a run without it",
+    )
     p.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_bare is None:
@@ -1053,6 +1343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--concurrency >= 1, --bundle-size >= 2 and --duration > 0 required")
         if args.ops is not None and args.ops < 1:
             p.error("--ops must be >= 1")
+        args.scaling = sorted({int(c) for c in args.scaling.split(",") if c.strip()})
+        if args.rounds < 1 or any(c < 1 for c in args.scaling):
+            p.error("--rounds >= 1 and --scaling concurrencies >= 1 required")
     return args
 
 
@@ -1068,8 +1361,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_async(bench.run())
         except BaseException:
-            for server in (bench.hie, bench.bare):
-                if server is not None and server.proc is not None:
+            for server in bench.servers():
+                if server.proc is not None:
                     log(f"{server.name} log tail:\n{server.tail()}")
             raise
         finally:
@@ -1082,7 +1375,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: v for k, v in vars(args).items() if k != "serve_bare"},
             "prefill": bench.prefill_stats,
             "stored": {
-                str(t): {"start": a, "end": b, "db_mib": bench.db_mib.get(t)}
+                str(t): {"start": asdict(a), "end": asdict(b), "db_mib": bench.db_mib.get(t)}
                 for t, (a, b) in bench.spans.items()
             },
             "results": [asdict(r) for r in bench.results],

@@ -100,7 +100,8 @@ def test_every_interaction_is_recorded_in_balp_shape(hie, as_member, as_auditor)
     assert client["purposeOfUse"][0]["coding"][0]["code"] == "TREAT"
     assert org["who"] == {"reference": "Organization/a"}
     assert server["type"]["coding"][0]["code"] == "110152"
-    assert read["source"]["observer"]["identifier"]["value"] == "http://hie.test/fhir"
+    assert read["source"]["site"] == "http://hie.test/fhir"
+    assert server["network"] == {"address": "http://hie.test/fhir", "type": "5"}
     assert read["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
     search = recorded[4]
     query = [e for e in search["entity"] if e["role"]["code"] == "24"][0]
@@ -307,3 +308,17 @@ def test_cli_audit_verify_names_a_removed_record(tmp_path):
     bad = runner.invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
     assert bad.exit_code == 1
     assert "AuditEvent/00000000000000000002" in bad.output and "removed" in bad.output
+
+
+def test_audit_can_be_off_only_with_authentication_off(tmp_path):
+    from hie.app import create_app
+    from hie.config import Settings
+
+    with pytest.raises(ValueError, match="HIE_AUDIT=off"):
+        create_app(Settings(data_dir=tmp_path, audit=False))
+    app = create_app(Settings(data_dir=tmp_path, auth=False, audit=False))
+    with TestClient(app, base_url="http://hie.test") as c:
+        created = c.post("/fhir/Patient", json=PATIENT, headers={"Content-Type": FHIR})
+        assert created.status_code == 201
+        assert c.get(f"/fhir/Patient/{created.json()['id']}").status_code == 200
+        assert c.get("/fhir/AuditEvent").json()["total"] == 0

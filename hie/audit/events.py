@@ -16,53 +16,46 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hie.access.principal import Principal
-from hie.access.purpose import BREAK_GLASS, PURPOSES
+from hie.access.purpose import BREAK_GLASS
 from hie.access.purpose import SYSTEM as PURPOSE_SYSTEM
 from hie.fhir.search.dates import now, to_fhir_instant
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
-REST = {
-    "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-    "code": "rest",
-    "display": "Restful Operation",
-}
+REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"}
 INTERACTION_SYSTEM = "http://hl7.org/fhir/restful-interaction"
 OPERATION_SYSTEM = "http://hie.example/fhir/CodeSystem/operation"
 CLIENT_SYSTEM = "http://hie.example/fhir/sid/client-id"
-LOGIN = {"system": DCM, "code": "110114", "display": "User Authentication"}
-LOGIN_SUBTYPE = {"system": DCM, "code": "110122", "display": "Login"}
-SECURITY_ALERT = {"system": DCM, "code": "110113", "display": "Security Alert"}
-SECURITY_CHANGED = {"system": DCM, "code": "110137", "display": "User Security Attributes Changed"}
+LOGIN = {"system": DCM, "code": "110114"}
+LOGIN_SUBTYPE = {"system": DCM, "code": "110122"}
+SECURITY_ALERT = {"system": DCM, "code": "110113"}
+SECURITY_CHANGED = {"system": DCM, "code": "110137"}
 _ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _ENTITY_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _PATIENT = (
-    {"system": _ENTITY_TYPE, "code": "1", "display": "Person"},
-    {"system": _ENTITY_ROLE, "code": "1", "display": "Patient"},
+    {"system": _ENTITY_TYPE, "code": "1"},
+    {"system": _ENTITY_ROLE, "code": "1"},
 )
 _RESOURCE = (
-    {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
-    {"system": _ENTITY_ROLE, "code": "4", "display": "Domain Resource"},
+    {"system": _ENTITY_TYPE, "code": "2"},
+    {"system": _ENTITY_ROLE, "code": "4"},
 )
 _QUERY = (
-    {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
-    {"system": _ENTITY_ROLE, "code": "24", "display": "Query"},
+    {"system": _ENTITY_TYPE, "code": "2"},
+    {"system": _ENTITY_ROLE, "code": "24"},
 )
-_SOURCE_ROLE = {"system": DCM, "code": "110153", "display": "Source Role ID"}
-_DESTINATION_ROLE = {"system": DCM, "code": "110152", "display": "Destination Role ID"}
+_SOURCE_ROLE = {"system": DCM, "code": "110153"}
+_DESTINATION_ROLE = {"system": DCM, "code": "110152"}
 _ORGANIZATION_ROLE = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
     "code": "PROV",
-    "display": "healthcare provider",
 }
 _HUMAN_USER = {
     "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
     "code": "humanuser",
-    "display": "human user",
 }
 _APPLICATION_SERVER = {
     "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
     "code": "4",
-    "display": "Application Server",
 }
 
 #: AuditEvent.action of each RESTful interaction (C create, R read, U update,
@@ -143,7 +136,7 @@ def audit_event(
     event["agent"] = _agents(where, principal)
     event["source"] = {
         "site": where.base,
-        "observer": {"display": "HIE FHIR server", "identifier": {"value": where.base}},
+        "observer": {"display": "HIE FHIR server"},
         "type": [_APPLICATION_SERVER],
     }
     entities = [_entity(ref, _RESOURCE) for ref in resources]
@@ -163,7 +156,7 @@ def audit_event(
 
 
 def _purpose(code: str) -> dict:
-    return {"coding": [{"system": PURPOSE_SYSTEM, "code": code, "display": PURPOSES[code]}]}
+    return {"coding": [{"system": PURPOSE_SYSTEM, "code": code}]}
 
 
 def _entity(reference: str, roles: tuple[dict, dict]) -> dict:
@@ -176,12 +169,8 @@ def _agents(where: Where, principal: Principal | None) -> list[dict]:
         client["who"] = {"display": "unauthenticated caller"}
         client["requestor"] = True
     else:
-        client["who"] = {
-            "identifier": {"system": CLIENT_SYSTEM, "value": principal.client_id},
-            "display": principal.client_id,
-        }
+        client["who"] = {"identifier": {"system": CLIENT_SYSTEM, "value": principal.client_id}}
         client["altId"] = principal.client_id
-        client["name"] = principal.client_id
         client["requestor"] = principal.user is None
         if principal.token_id:
             client["policy"] = [principal.token_id]
@@ -211,7 +200,7 @@ def _agents(where: Where, principal: Principal | None) -> list[dict]:
     agents.append(
         {
             "type": {"coding": [_DESTINATION_ROLE]},
-            "who": {"identifier": {"value": where.base}, "display": "HIE FHIR server"},
+            "who": {"identifier": {"value": where.base}},
             "requestor": False,
             "network": {"address": where.base, "type": "5"},
         }

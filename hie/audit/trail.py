@@ -42,12 +42,17 @@ class Trail:
         self.done = False
 
     def event(self, subtype: str, **details) -> dict:
-        """An AuditEvent of this request's caller (see :func:`audit_event`)."""
+        """An AuditEvent of this request's caller (see :func:`audit_event`); nothing
+        when auditing is off."""
+        if self._audit is None:
+            return {}
         return audit_event(self.where, self.principal, subtype, **details)
 
     def touched(self, versions: Iterable[Version]) -> dict:
         """``resources`` and ``patients`` arguments of :meth:`event` for versions
-        read, returned or written."""
+        read, returned or written (nothing when auditing is off)."""
+        if self._audit is None:
+            return {}
         resources, patients = [], []
         for v in versions:
             resources.append(f"{v.type}/{v.id}/_history/{v.version}")

@@ -81,6 +81,7 @@ from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailur
 
 from hie import jsonio
 from hie.store.port import (
+    INTERNAL_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -349,8 +350,9 @@ class MongoStore(Store):
             raise VersionConflict(w.type, w.id, w.prev_version, actual) from None
 
     async def _ensure_indexes(self, types: Iterable[str], sort: Sequence[Sort] = ()) -> None:
-        """Create each type's search indexes and those of ``sort``'s parameter keys."""
-        for type_ in set(types):
+        """Create each type's search indexes and those of ``sort``'s parameter keys
+        (internal types are never searched: they get none)."""
+        for type_ in set(types) - set(INTERNAL_TYPES):
             wanted = {type_: _RESOURCE_INDEXES}
             for key in sort:
                 field = _sort_field(key)

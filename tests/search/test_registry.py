@@ -7,6 +7,7 @@ import pytest
 
 from hie.fhir.search.fhirpath import Node
 from hie.fhir.search.registry import (
+    INDEXED_ONLY,
     InvalidSearchParameter,
     Registry,
     alliance_definitions,
@@ -63,10 +64,34 @@ def test_observation_parameters(registry):
 def test_common_parameters_on_every_served_type(registry):
     for type_ in served_types():
         codes = set(registry.params(type_))
-        assert codes >= COMMON, type_
+        assert codes >= COMMON - _unindexed(type_), type_
         assert not codes & {"_text", "_content", "_query", "_list", "_has"}
     with pytest.raises(KeyError):
         registry.params("MedicinalProduct")  # not served
+
+
+def _unindexed(type_: str) -> set[str]:
+    return COMMON - INDEXED_ONLY[type_] if type_ in INDEXED_ONLY else set()
+
+
+def test_audit_events_index_what_auditors_search_by():
+    local = Registry()  # with the alliance's definitions (purpose)
+    assert set(local.params("AuditEvent")) == {
+        *("_id", "_lastUpdated", "_security", "action", "agent", "altid", "date"),
+        *("entity", "outcome", "patient", "purpose", "subtype"),
+    }
+    custom = {
+        "resourceType": "SearchParameter",
+        "url": "http://x/AuditEvent-address",
+        "name": "address",
+        "status": "active",
+        "code": "address",
+        "base": ["AuditEvent"],
+        "type": "string",
+        "expression": "AuditEvent.agent.network.address",
+    }
+    local.add(custom)  # an administrator can index another one
+    assert "address" in local.params("AuditEvent")
 
 
 def test_every_composite_component_is_a_parameter_of_its_type(registry):

@@ -49,6 +49,28 @@ VALUE_TYPES = {
 _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _NOT_DOMAIN = frozenset({"Bundle", "Binary", "Parameters"})
 _R4 = "r4/Bundle-searchParams.json"
+#: Types whose official parameters are indexed only in part: the audit log writes an
+#: AuditEvent for every request, and each indexed value is written with it, so it
+#: indexes what auditors search by (the alliance's ``purpose`` and custom parameters
+#: added at run time come on top). Other official AuditEvent parameters are unknown
+#: to this server: not in the CapabilityStatement, ignored or refused like any other.
+INDEXED_ONLY = {
+    "AuditEvent": frozenset(
+        {
+            "_id",
+            "_lastUpdated",
+            "_security",
+            "action",
+            "agent",
+            "altid",
+            "date",
+            "entity",
+            "outcome",
+            "patient",
+            "subtype",
+        }
+    )
+}
 _SHARED_LINE = re.compile(r"^\* \[(\w+)\]\([^)]*\): (.*)$", re.MULTILINE)
 
 
@@ -127,7 +149,7 @@ class Registry:
         self._known = {r["url"]: (r["code"], r["type"]) for r in r4}
         for resource in r4:
             if resource["code"] not in ENGINE_PARAMS:
-                self._register(self._digest(resource, official=True))
+                self._register(self._digest(resource, official=True), official=True)
         self._compartments = {code: self._load_compartment(code) for code in COMPARTMENTS}
         for resource in alliance_definitions() if alliance is None else alliance:
             try:
@@ -227,11 +249,13 @@ class Registry:
                 out.add(name)
         return out
 
-    def _register(self, param: ParamDef) -> None:
+    def _register(self, param: ParamDef, official: bool = False) -> None:
         self._by_url[param.url] = param
         self._known[param.url] = (param.code, param.type)
         shared = _per_type_descriptions(param.description)
         for type_ in self._types(param.base):
+            if official and param.code not in INDEXED_ONLY.get(type_, (param.code,)):
+                continue
             text = shared.get(type_)
             self._by_type[type_][param.code] = (
                 dataclasses.replace(param, description=text) if text else param
