@@ -5,11 +5,7 @@ discloses nothing (not even whether the resource exists), and is audited."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import time
-import uuid
 
 import orjson
 import pytest
@@ -17,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 
 from hie.access.keys import KeyRing
-from hie.access.tokens import AUDIENCE, ISSUER
+from tests.access.conftest import access_claims, hs256, unsigned
 from tests.conftest import FHIR
 
 SECRET_NAME = "Zhuge"
@@ -65,28 +61,11 @@ def _endpoints(pid: str) -> list[tuple[str, str, object, str]]:
     ]
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _claims(**changes) -> dict:
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "intruder",
-        "client_id": "intruder",
-        "scope": "system/*.cruds",
-        "roles": ["admin", "auditor"],
-        "iat": now,
-        "exp": now + 600,
-        "jti": uuid.uuid4().hex,
-    }
-    return {**claims, **changes}
-
-
-def _unsigned(header: dict, claims: dict) -> str:
-    return f"{_b64(orjson.dumps(header))}.{_b64(orjson.dumps(claims))}"
+def intruder(**changes) -> dict:
+    """Claims of a would-be administrator and auditor."""
+    return access_claims(
+        sub="intruder", client_id="intruder", roles=["admin", "auditor"], **changes
+    )
 
 
 @pytest.fixture
@@ -96,15 +75,15 @@ def forged(app, tmp_path) -> dict[str, dict[str, str]]:
     public_pem = keys.token_keys()[keys.active_kid].public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    hs_input = _unsigned({"alg": "HS256", "typ": "JWT", "kid": keys.active_kid}, _claims())
-    hs_sig = _b64(hmac.new(public_pem, hs_input.encode(), hashlib.sha256).digest())
     tokens = {
-        "expired": keys.sign_jwt(_claims(exp=int(time.time()) - 60, iat=0)),
-        "wrong signature": KeyRing(tmp_path / "other-keys").sign_jwt(_claims()),
-        "wrong audience": keys.sign_jwt(_claims(aud="https://elsewhere.example/fhir")),
-        "wrong issuer": keys.sign_jwt(_claims(iss="someone-else")),
-        "alg none": _unsigned({"alg": "none", "typ": "JWT"}, _claims()) + ".",
-        "HS256 with the public key": f"{hs_input}.{hs_sig}",
+        "expired": keys.sign_jwt(intruder(exp=int(time.time()) - 60, iat=0)),
+        "wrong signature": KeyRing(tmp_path / "other-keys").sign_jwt(intruder()),
+        "wrong audience": keys.sign_jwt(intruder(aud="https://elsewhere.example/fhir")),
+        "wrong issuer": keys.sign_jwt(intruder(iss="someone-else")),
+        "alg none": unsigned({"alg": "none", "typ": "JWT"}, intruder()),
+        "HS256 with the public key": hs256(
+            {"alg": "HS256", "typ": "JWT", "kid": keys.active_kid}, intruder(), public_pem
+        ),
         "garbage": "not.a.token",
     }
     headers = {name: {"Authorization": f"Bearer {t}"} for name, t in tokens.items()}
@@ -142,7 +121,9 @@ def _assert_refused(response, status: int, where: str) -> None:
         assert response.headers["www-authenticate"].startswith("Bearer"), where
 
 
-def test_bad_credentials_get_401_everywhere_and_are_audited(hie, mint, forged):
+@pytest.fixture
+def stored(hie, mint) -> tuple[dict, dict, str]:
+    """An administrator's and an auditor's headers, and a stored Patient's id."""
     admin = {"Authorization": f"Bearer {mint()}", "Content-Type": FHIR}
     auditor = {"Authorization": f"Bearer {mint('system/AuditEvent.rs', roles=('auditor',))}"}
     pid = hie.post(
@@ -150,6 +131,11 @@ def test_bad_credentials_get_401_everywhere_and_are_audited(hie, mint, forged):
         json={"resourceType": "Patient", "name": [{"family": SECRET_NAME}]},
         headers=admin,
     ).json()["id"]
+    return admin, auditor, pid
+
+
+def test_bad_credentials_get_401_everywhere_and_are_audited(hie, forged, stored):
+    admin, auditor, pid = stored
     before = _refusals(hie, auditor)
     attempts = 0
     for name, headers in forged.items():
@@ -161,14 +147,8 @@ def test_bad_credentials_get_401_everywhere_and_are_audited(hie, mint, forged):
     assert hie.get(f"/fhir/Patient/{pid}", headers=admin).json()["meta"]["versionId"] == "1"
 
 
-def test_narrow_scopes_get_403_and_do_not_reveal_existence(hie, mint):
-    admin = {"Authorization": f"Bearer {mint()}", "Content-Type": FHIR}
-    auditor = {"Authorization": f"Bearer {mint('system/AuditEvent.rs', roles=('auditor',))}"}
-    pid = hie.post(
-        "/fhir/Patient",
-        json={"resourceType": "Patient", "name": [{"family": SECRET_NAME}]},
-        headers=admin,
-    ).json()["id"]
+def test_narrow_scopes_get_403_and_do_not_reveal_existence(hie, mint, stored):
+    _, auditor, pid = stored
     token = mint(
         "system/Practitioner.rs", "other-data", roles=("member",), organization="Organization/a"
     )

@@ -22,6 +22,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from hie.access.oauth import ASSERTION_TYPE
 from hie.access.principal import ADMIN
+from hie.access.tokens import AUDIENCE, ISSUER
 
 BASE = "http://hie.test"
 TOKEN_URL = f"{BASE}/auth/token"
@@ -43,6 +44,25 @@ def hs256(header: dict, claims: dict, secret: bytes) -> str:
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
     mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(mac)}"
+
+
+def access_claims(**changes) -> dict:
+    """Claims of an access token of this server (an administrator's); a change to None
+    removes the claim."""
+    now = int(time.time())
+    out = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "c",
+        "client_id": "c",
+        "scope": "system/*.cruds",
+        "roles": [ADMIN],
+        "iat": now,
+        "exp": now + 600,
+        "jti": uuid.uuid4().hex,
+    }
+    out.update(changes)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class Signer:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from hie.access.keys import KeyRing
 from hie.access.principal import ADMIN, MEMBER
-from hie.access.tokens import AUDIENCE, ISSUER, TokenAuthority
+from hie.access.tokens import TokenAuthority
 from hie.app import create_app
 from hie.config import Settings
 from tests.access.conftest import (
@@ -27,24 +27,10 @@ from tests.access.conftest import (
     jwks_url,
     unsigned,
 )
+from tests.access.conftest import (
+    access_claims as claims,
+)
 from tests.conftest import make_store
-
-
-def claims(**changes) -> dict:
-    now = int(time.time())
-    out = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "c",
-        "client_id": "c",
-        "scope": "system/*.cruds",
-        "roles": [ADMIN],
-        "iat": now,
-        "exp": now + 600,
-        "jti": uuid.uuid4().hex,
-    }
-    out.update(changes)
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def status(api: TestClient, token: str) -> int:
