@@ -38,8 +38,6 @@ class Trail:
         self.where = where
         #: The caller, once authenticated (None: unknown, e.g. no or bad token).
         self.principal: Principal | None = None
-        #: True once the request's own record is written (a write's, with its commit).
-        self.done = False
 
     def event(self, subtype: str, **details) -> dict:
         """An AuditEvent of this request's caller (see :func:`audit_event`); nothing
@@ -62,7 +60,6 @@ class Trail:
 
     async def record(self, *events: dict) -> None:
         """Write ``events`` durably; 503 if they cannot be written."""
-        self.done = True
         if self._audit is None:
             return
         try:
@@ -73,7 +70,6 @@ class Trail:
     async def commit(self, writes: Sequence[Write], events: Sequence[dict]) -> None:
         """Commit ``writes`` and ``events`` atomically (store conflicts propagate as
         they would from :meth:`Store.commit`); 503 if the audit cannot be written."""
-        self.done = True
         if self._audit is None:
             await self._store.commit(writes)
             return
