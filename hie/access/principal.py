@@ -12,7 +12,10 @@ MEMBER = "member"
 REGIONAL_PLATFORM = "regional-platform"
 AUDITOR = "auditor"
 ADMIN = "admin"
-ROLES = (MEMBER, REGIONAL_PLATFORM, AUDITOR, ADMIN)
+#: A data steward: links, unlinks, merges and unmerges patient records in the master
+#: patient index and resolves its review queue.
+STEWARD = "steward"
+ROLES = (MEMBER, REGIONAL_PLATFORM, AUDITOR, ADMIN, STEWARD)
 
 #: Purpose of use (HL7 v3 PurposeOfUse) when neither token nor request names one.
 TREATMENT = "TREAT"

@@ -13,6 +13,7 @@ Batch: each entry runs on its own; failures become that entry's response.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Collection
 from typing import Any
@@ -38,7 +39,8 @@ from hie.fhir.interactions import (
 from hie.fhir.search.dates import now, to_fhir_instant
 from hie.fhir.service import RETRIES, FhirService, backoff, new_id, version_of
 from hie.fhir.validation import check_resource
-from hie.store import ConditionConflict, VersionConflict
+from hie.mpi.state import Pending
+from hie.store import INTERNAL_TYPES, ConditionConflict, VersionConflict
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -150,13 +152,25 @@ async def process(
     for attempt in range(RETRIES):
         if attempt:
             await backoff(attempt)
+        entries = _parse_entries(bundle, base, prefer)
         try:
-            return await _transaction(
-                service, principal, _parse_entries(bundle, base, prefer), base, trail
-            )
+            async with _serial(service, entries):
+                return await _transaction(service, principal, entries, base, trail)
         except (ConditionConflict, VersionConflict):
             continue  # lost a race to a concurrent write: plan again on the new state
     raise error(409, "conflict", "The transaction kept losing races to concurrent writes; retry")
+
+
+def _serial(service: FhirService, entries: list[_Entry]):
+    """The master patient index's lock when the transaction writes a Patient (its
+    planning and commit must not interleave with another's), else nothing."""
+    writes_patient = any(
+        e.call.type == "Patient" and e.call.method in ("POST", "PUT", "PATCH", "DELETE")
+        for e in entries
+    )
+    if service.mpi is not None and writes_patient:
+        return service.mpi.serial()
+    return contextlib.nullcontext()
 
 
 async def _batch(
@@ -189,6 +203,7 @@ async def _transaction(
     ordered = sorted(entries, key=lambda e: (_ORDER[e.call.method], e.index))
     answers: dict[int, Answer] = {}
     writes, touched, events = [], {}, []
+    pending = Pending()
     for entry in ordered:
         call = entry.call
         if call.method in ("GET", "HEAD"):
@@ -196,9 +211,11 @@ async def _transaction(
         exclude = deleted.get(call.type or "", ())
         reserved = ids.get(entry.full_url or "", "")
         if call.method == "POST" and reserved:
-            planner = _create_with_id(service, principal, entry, reserved.split("/", 1)[1], exclude)
+            planner = _create_with_id(
+                service, principal, entry, reserved.split("/", 1)[1], exclude, pending
+            )
         else:
-            planner = write_plan(service, principal, call, entry.where, exclude)
+            planner = write_plan(service, principal, call, entry.where, exclude, pending)
             if planner is None:
                 raise _at(
                     entry,
@@ -229,9 +246,13 @@ async def _transaction(
         shown = [version_of(write)] if write else [result.version] if result.version else []
         events.append(trail.event(interaction(call), status=result.status, **trail.touched(shown)))
         answers[entry.index] = write_answer(result, call.prefer)
-    events.append(trail.event("transaction", status=200))
+    mpi = pending.writes()
+    golden = [version_of(w) for w in mpi if w.type not in INTERNAL_TYPES]
+    events.append(
+        trail.event("transaction", status=200, **(trail.touched(golden) if golden else {}))
+    )
     try:
-        await trail.commit(writes, events)
+        await trail.commit(writes + mpi, events)
     except VersionConflict as exc:
         index = touched.get(f"{exc.type}/{exc.id}")
         if index is not None and entries[index].call.if_match is not None:
@@ -266,7 +287,9 @@ async def _deletions(
             deleted.setdefault(call.type, set()).add(call.id)
             continue
         try:
-            _, found = await service.match(principal, call.type, criteria(call.params))
+            _, found = await service.match(
+                principal, call.type, criteria(call.params), members_only=True
+            )
         except FhirError as exc:
             raise _at(entry, exc) from None
         if len(found) == 1:
@@ -275,7 +298,12 @@ async def _deletions(
 
 
 def _create_with_id(
-    service: FhirService, principal: Principal, entry: _Entry, id_: str, exclude: Collection[str]
+    service: FhirService,
+    principal: Principal,
+    entry: _Entry,
+    id_: str,
+    exclude: Collection[str],
+    pending: Pending,
 ):
     call = entry.call
     return lambda: service.plan_create(
@@ -286,6 +314,7 @@ def _create_with_id(
         id_=id_,
         where=entry.where,
         exclude=exclude,
+        pending=pending,
     )
 
 
@@ -307,7 +336,11 @@ async def _resolve_identities(
                 if call.if_none_exist is not None:
                     check_resource(call.body, call.type, entry.where)
                     _, found = await service.match(
-                        principal, call.type, call.if_none_exist, deleted.get(call.type, ())
+                        principal,
+                        call.type,
+                        call.if_none_exist,
+                        deleted.get(call.type, ()),
+                        members_only=True,
                     )
                     if len(found) > 1:
                         raise error(
@@ -319,7 +352,11 @@ async def _resolve_identities(
                 target = call.id
             elif call.method == "PUT":
                 _, found = await service.match(
-                    principal, call.type, criteria(call.params), deleted.get(call.type, ())
+                    principal,
+                    call.type,
+                    criteria(call.params),
+                    deleted.get(call.type, ()),
+                    members_only=True,
                 )
                 if len(found) > 1:
                     raise error(
@@ -373,10 +410,15 @@ async def _resolve_references(
         head, sep, query = value.partition("?")
         if not sep or "/" in head or ":" in head or head.startswith("#"):
             continue
+        params = parse_url("GET", value).params
         try:
+            # A member's record first: its identifiers are also on its golden record,
+            # which is the match only when nothing else is (an enterprise identifier).
             _, matches = await service.match(
-                principal, head, parse_url("GET", value).params, deleted.get(head, ())
+                principal, head, params, deleted.get(head, ()), members_only=True
             )
+            if not matches:
+                _, matches = await service.match(principal, head, params, deleted.get(head, ()))
         except FhirError as exc:
             raise _at(entry, exc) from None
         if len(matches) != 1:

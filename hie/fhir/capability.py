@@ -12,7 +12,8 @@ import orjson
 from hie import __version__
 from hie.access.decision import AUDIT_TYPES
 from hie.fhir.search.dates import now, to_fhir_instant
-from hie.fhir.search.params import MODIFIERS
+from hie.fhir.search.mdm import MDM
+from hie.fhir.search.params import MODIFIERS, may_be_patient
 from hie.fhir.search.registry import ParamDef, Registry
 from hie.fhir.types import served_types
 
@@ -53,6 +54,8 @@ def shipped_operations() -> tuple[dict, ...]:
 
 def _search_param(param: ParamDef) -> dict:
     modifiers = MODIFIERS.get(param.type, ())
+    if param.type == "reference" and not may_be_patient(param):
+        modifiers = tuple(m for m in modifiers if m != MDM)
     doc = param.description or param.code
     if modifiers:
         doc = f"{doc} Modifiers: {', '.join(':' + m for m in modifiers)}"

@@ -25,7 +25,8 @@ from hie.fhir.search.dates import date_range, now, to_fhir_instant
 from hie.fhir.search.params import non_negative
 from hie.fhir.service import FhirService, Plan, Result, version_of
 from hie.fhir.shaping import check_summary, parse_elements, shape
-from hie.store import Page, Version, Write
+from hie.mpi.state import Pending
+from hie.store import INTERNAL_TYPES, Page, Version, Write
 
 Params = list[tuple[str, str]]
 _HISTORY_PARAMS = frozenset(
@@ -105,13 +106,21 @@ def write_plan(
     call: Call,
     where: str = "",
     exclude: Collection[str] = (),
+    pending: Pending | None = None,
 ) -> Callable[[], Awaitable[Plan]] | None:
     """The planner of a write interaction, or None when ``call`` only reads.
-    ``exclude``: ids a condition must not match (deleted earlier in a transaction)."""
+    ``exclude``: ids a condition must not match (deleted earlier in a transaction);
+    ``pending``: the transaction's master patient index writes."""
     m, t, i = call.method, call.type, call.id
     if m == "POST" and t and not i and not call.search and not call.history:
         return lambda: service.plan_create(
-            principal, t, call.body, call.if_none_exist, where=where, exclude=exclude
+            principal,
+            t,
+            call.body,
+            call.if_none_exist,
+            where=where,
+            exclude=exclude,
+            pending=pending,
         )
     if m not in ("PUT", "PATCH", "DELETE") or t is None or call.history or call.search:
         return None
@@ -120,10 +129,12 @@ def write_plan(
 
     def on_id(id_: str) -> Awaitable[Plan]:
         if m == "PUT":
-            return service.plan_update(principal, t, id_, call.body, call.if_match, where=where)
+            return service.plan_update(
+                principal, t, id_, call.body, call.if_match, where=where, pending=pending
+            )
         if m == "PATCH":
-            return service.plan_patch(principal, t, id_, call.body, call.if_match)
-        return service.plan_delete(principal, t, id_, call.if_match)
+            return service.plan_patch(principal, t, id_, call.body, call.if_match, pending=pending)
+        return service.plan_delete(principal, t, id_, call.if_match, pending=pending)
 
     if i is not None:
         return lambda: on_id(i)
@@ -134,9 +145,9 @@ def write_plan(
             body_id = call.body.get("id") if isinstance(call.body, dict) else None
             if body_id is not None:
                 return await service.plan_update(
-                    principal, t, body_id, call.body, None, where=where
+                    principal, t, body_id, call.body, None, where=where, pending=pending
                 )
-            return await service.plan_create(principal, t, call.body, where=where)
+            return await service.plan_create(principal, t, call.body, where=where, pending=pending)
         if m == "PATCH":
             raise error(404, "not-found", f"No {t} matches the condition")
         return None, Result(204, None, f"No {t} matched the condition; nothing deleted")
@@ -210,11 +221,12 @@ async def perform(
 
         async def commit(writes: list[Write], result: Result) -> None:
             nonlocal committed
-            touched = trail.touched(version_of(w) for w in writes)
+            touched = trail.touched(version_of(w) for w in writes if w.type not in INTERNAL_TYPES)
             await trail.commit(writes, [trail.event(subtype, status=result.status, **touched)])
             committed = True
 
-        result = await service.run(plan, call.if_match is not None, commit)
+        serial = call.type == "Patient"
+        result = await service.run(plan, call.if_match is not None, commit, serial=serial)
         if not committed:  # nothing to write (an existing match, an absent resource)
             shown = [result.version] if result.version is not None else []
             touched = trail.touched(shown) if shown else {"resources": attempted(call)}

@@ -8,11 +8,13 @@ Every interaction first asks :func:`hie.access.decision.require`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import jsonpatch
 import jsonpointer
@@ -37,6 +39,8 @@ from hie.fhir.search.params import Include, SearchRequest, parse_search
 from hie.fhir.search.registry import COMPARTMENTS, InvalidSearchParameter, Registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import check_resource, small_int, valid_id
+from hie.mpi.records import GOLDEN_TAG, has_enterprise_id, has_golden_tag, is_golden
+from hie.mpi.state import Pending
 from hie.store import (
     INTERNAL_TYPES,
     ConditionConflict,
@@ -47,6 +51,9 @@ from hie.store import (
     Write,
 )
 from hie.store.query import AnyOf, Cond, IdIn, Match, Not, Query
+
+if TYPE_CHECKING:
+    from hie.mpi.index import PatientIndex
 
 log = logging.getLogger("hie")
 _FOREVER = "9999-12-31T00:00:00.000000Z"
@@ -65,11 +72,14 @@ async def backoff(attempt: int) -> None:
 @dataclass(frozen=True, slots=True)
 class Result:
     """The outcome of one interaction: HTTP status, the version it produced or found
-    (for ETag, Location and the body) and a sentence for ``return=OperationOutcome``."""
+    (for ETag, Location and the body) and a sentence for ``return=OperationOutcome``.
+    ``extra``: further writes that must commit with the interaction's own (the master
+    patient index's, for a Patient planned on its own)."""
 
     status: int
     version: Version | None
     message: str
+    extra: tuple[Write, ...] = ()
 
 
 Plan = tuple[Write | None, Result]
@@ -107,6 +117,49 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+#: Matches golden records (owned by the master patient index) in a Patient query.
+GOLDEN = Match(
+    "_tag", (Cond("system", "eq", GOLDEN_TAG["system"]), Cond("text", "eq", GOLDEN_TAG["code"]))
+)
+
+
+def check_not_golden(type_: str, prev: Version | None) -> None:
+    """403 for a change to a golden record: only the master patient index changes them."""
+    if (
+        type_ == "Patient"
+        and prev is not None
+        and prev.body is not None
+        and is_golden(jsonio.loads(prev.body, trusted=True))
+    ):
+        raise error(
+            403,
+            "forbidden",
+            f"Patient/{prev.id} is a golden record of the master patient index; it "
+            "changes only through the MPI operations (link, unlink, merge, unmerge)",
+        )
+
+
+def check_member_patient(type_: str, resource: dict, where: str = "") -> None:
+    """422 for a Patient a client sends as a golden record: with the golden-record tag or
+    an enterprise identifier, which only the master patient index assigns."""
+    if type_ != "Patient":
+        return
+    if has_golden_tag(resource):
+        raise error(
+            422,
+            "business-rule",
+            "The golden-record tag is set only by the master patient index",
+            f"{where or type_}.meta.tag",
+        )
+    if has_enterprise_id(resource):
+        raise error(
+            422,
+            "business-rule",
+            "Enterprise identifiers are assigned only by the master patient index",
+            f"{where or type_}.identifier",
+        )
+
+
 class FhirService:
     """The REST interactions over a :class:`~hie.store.Store`."""
 
@@ -121,6 +174,8 @@ class FhirService:
             max_results=settings.search_max_results,
             ttl=settings.search_snapshot_ttl,
         )
+        #: The master patient index every Patient write passes through (None: off).
+        self.mpi: PatientIndex | None = None
 
     # ---------------------------------------------------------------- reads
     async def read(self, principal: Principal, type_: str, id_: str) -> Version:
@@ -367,18 +422,24 @@ class FhirService:
         type_: str,
         items: Sequence[tuple[str, str]],
         exclude: Collection[str] = (),
+        *,
+        members_only: bool = False,
     ) -> tuple[Query, list[Version]]:
         """The query of a conditional interaction's criteria and the resources it
         matches (at most two are fetched: callers only distinguish none, one and many).
         Criteria are parsed strictly: an unknown parameter must not silently match
         everything. ``exclude``: ids that do not count (deleted earlier in the same
-        transaction)."""
+        transaction). ``members_only``: golden records (which carry their members'
+        identifiers) do not match, as for the condition of a conditional write."""
         check_type(type_)
         require(principal, "s", type_)
         req = self.parse(type_, items, strict=True)
         if not req.query:
             raise error(400, "invalid", f"The condition on {type_} has no search criteria")
-        query = req.query + ((Not(IdIn(tuple(exclude))),) if exclude else ())
+        query = await self.engine.expand(req.query)
+        query += (Not(IdIn(tuple(exclude))),) if exclude else ()
+        if members_only and type_ == "Patient":
+            query += (Not(GOLDEN),)
         page = await self.store.search(type_, query, count=2)
         return query, page.items
 
@@ -420,8 +481,12 @@ class FhirService:
         prev: Version | None,
         method: str,
         guard: Query = (),
+        *,
+        indexed: bool = True,
     ) -> Write:
-        """The write storing ``resource`` (None: a tombstone) as the next version."""
+        """The write storing ``resource`` (None: a tombstone) as the next version;
+        ``indexed=False`` leaves its search index rows out (for a write that is built
+        again before it is stored)."""
         version = (prev.version if prev else 0) + 1
         instant = now()
         body = None
@@ -433,7 +498,8 @@ class FhirService:
             stored = {"resourceType": type_, "id": id_, "meta": meta}
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
-            index = index_rows(stored, instant, self.registry, self.settings.base_url)
+            if indexed:
+                index = index_rows(stored, instant, self.registry, self.settings.base_url)
         prev_version = prev.version if prev else 0
         return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
 
@@ -447,24 +513,33 @@ class FhirService:
         id_: str | None = None,
         where: str = "",
         exclude: Collection[str] = (),
+        pending: Pending | None = None,
     ) -> Plan:
         """Create (POST); ``if_none_exist`` makes it conditional, and the write then
         carries the criteria as its guard. ``id_`` is the id already reserved for it
-        (transactions resolve ``urn:uuid:`` references first)."""
+        (transactions resolve ``urn:uuid:`` references first). ``pending``: the MPI
+        writes of the transaction this create is part of (see :meth:`_indexed`)."""
         check_type(type_)
         check_writable(type_)
         require(principal, "c", type_)
         check_resource(resource, type_, where)
+        check_member_patient(type_, resource, where)
         resource = stamp(resource, principal)
         guard: Query = ()
         if if_none_exist is not None:
-            guard, found = await self.match(principal, type_, if_none_exist, exclude)
+            guard, found = await self.match(
+                principal, type_, if_none_exist, exclude, members_only=True
+            )
             if len(found) > 1:
                 raise error(412, "duplicate", f"If-None-Exist matched several {type_} resources")
             if found:
                 return None, Result(200, found[0], f"{type_}/{found[0].id} already exists")
-        write = self.new_write(type_, id_ or new_id(), resource, None, "POST", guard)
-        return write, Result(201, version_of(write), f"Created {type_}/{write.id}")
+        write = self.new_write(
+            type_, id_ or new_id(), resource, None, "POST", guard, indexed=self._final(type_)
+        )
+        return await self._indexed(
+            principal, write, Result(201, None, f"Created {type_}/{write.id}"), pending
+        )
 
     async def plan_update(
         self,
@@ -475,6 +550,7 @@ class FhirService:
         if_match: int | None = None,
         *,
         where: str = "",
+        pending: Pending | None = None,
     ) -> Plan:
         """Update (PUT), creating the resource when it does not exist (or was deleted)."""
         check_type(type_)
@@ -501,11 +577,15 @@ class FhirService:
             require(principal, "c", type_)
         else:
             require_change(principal, prev)
+        check_not_golden(type_, prev)
+        check_member_patient(type_, resource, where)
         resource = stamp(resource, principal)
-        write = self.new_write(type_, id_, resource, prev, "PUT")
+        write = self.new_write(type_, id_, resource, prev, "PUT", indexed=self._final(type_))
         if creating:
-            return write, Result(201, version_of(write), f"Created {type_}/{id_}")
-        return write, Result(200, version_of(write), f"Updated {type_}/{id_}")
+            result = Result(201, None, f"Created {type_}/{id_}")
+        else:
+            result = Result(200, None, f"Updated {type_}/{id_}")
+        return await self._indexed(principal, write, result, pending)
 
     async def plan_patch(
         self,
@@ -514,6 +594,8 @@ class FhirService:
         id_: str,
         patch: object,
         if_match: int | None = None,
+        *,
+        pending: Pending | None = None,
     ) -> Plan:
         """Apply a JSON Patch (RFC 6902) to the current version."""
         check_type(type_)
@@ -529,6 +611,7 @@ class FhirService:
         if prev.deleted:
             raise _gone(prev)
         require_change(principal, prev)
+        check_not_golden(type_, prev)
         current = jsonio.loads(prev.body, trusted=True)
         try:
             patched = jsonpatch.JsonPatch(patch).apply(current)
@@ -544,12 +627,21 @@ class FhirService:
             check_resource(patched, type_)
         except FhirError as exc:  # the patch produced an invalid resource: 422, not 400
             raise FhirError(422, exc.issues) from None
+        check_member_patient(type_, patched)
         patched = stamp(patched, principal)
-        write = self.new_write(type_, id_, patched, prev, "PATCH")
-        return write, Result(200, version_of(write), f"Patched {type_}/{id_}")
+        write = self.new_write(type_, id_, patched, prev, "PATCH", indexed=self._final(type_))
+        return await self._indexed(
+            principal, write, Result(200, None, f"Patched {type_}/{id_}"), pending
+        )
 
     async def plan_delete(
-        self, principal: Principal, type_: str, id_: str, if_match: int | None = None
+        self,
+        principal: Principal,
+        type_: str,
+        id_: str,
+        if_match: int | None = None,
+        *,
+        pending: Pending | None = None,
     ) -> Plan:
         """Delete: a tombstone version. Deleting what is absent or already deleted
         succeeds without a new version, as the spec allows."""
@@ -562,8 +654,30 @@ class FhirService:
         if prev is None or prev.deleted:
             return None, Result(204, prev, f"{type_}/{id_} does not exist; nothing to delete")
         require_change(principal, prev)
+        check_not_golden(type_, prev)
         write = self.new_write(type_, id_, None, prev, "DELETE")
-        return write, Result(204, version_of(write), f"Deleted {type_}/{id_}")
+        return await self._indexed(
+            principal, write, Result(204, None, f"Deleted {type_}/{id_}"), pending
+        )
+
+    def _final(self, type_: str) -> bool:
+        """Whether a planned write of ``type_`` is stored as built: a Patient's is built
+        again by the master patient index (with its link), and indexed then."""
+        return self.mpi is None or type_ != "Patient"
+
+    async def _indexed(
+        self, principal: Principal, write: Write, result: Result, pending: Pending | None
+    ) -> Plan:
+        """The plan of ``write`` with ``result`` (its version set): a Patient's passes
+        through the master patient index, which sets its MPI link and adds its own writes,
+        as the result's ``extra`` when the write is planned alone, else into the
+        transaction's ``pending`` (the caller commits them)."""
+        if self.mpi is not None and write.type == "Patient":
+            alone = pending is None
+            pending = Pending() if alone else pending
+            write, extra = await self.mpi.plan_patient(principal, write, pending)
+            result = replace(result, extra=tuple(extra) if alone else ())
+        return write, replace(result, version=version_of(write))
 
     async def plan_conditional(
         self,
@@ -577,7 +691,7 @@ class FhirService:
         """Resolve a conditional update/patch/delete: none, one match, or 412. A write
         planned for no match (a conditional update creating) carries the criteria as
         its guard."""
-        query, found = await self.match(principal, type_, items, exclude)
+        query, found = await self.match(principal, type_, items, exclude, members_only=True)
         if len(found) > 1:
             raise error(412, "multiple-matches", f"The condition matched several {type_} resources")
         if found:
@@ -587,25 +701,34 @@ class FhirService:
 
     # ---------------------------------------------------------------- commit
     async def run(
-        self, plan: Callable[[], Awaitable[Plan]], guarded: bool, commit: Commit
+        self,
+        plan: Callable[[], Awaitable[Plan]],
+        guarded: bool,
+        commit: Commit,
+        *,
+        serial: bool = False,
     ) -> Result:
-        """Plan and commit one write through ``commit``. A lost race retries
-        (re-reading the state) unless the client guarded the write with If-Match,
-        which then gets 412."""
+        """Plan and commit one write (and the writes its result adds) through
+        ``commit``. A lost race retries (re-reading the state) unless the client guarded
+        the write with If-Match and the race was on that resource, which then gets 412.
+        ``serial``: the write may touch master patient index state, so planning and
+        commit hold its lock."""
+        lock = self.mpi.serial() if serial and self.mpi is not None else contextlib.nullcontext()
         for attempt in range(RETRIES):
             if attempt:
                 await backoff(attempt)
-            write, result = await plan()
-            if write is None:
-                return result
-            try:
-                await commit([write], result)
-                return result
-            except VersionConflict as exc:
-                if guarded:
-                    raise error(412, "conflict", f"Version conflict: {exc}") from None
-            except ConditionConflict:
-                pass  # a concurrent conditional create won: re-planning finds its resource
+            async with lock:
+                write, result = await plan()
+                if write is None:
+                    return result
+                try:
+                    await commit([write, *result.extra], result)
+                    return result
+                except VersionConflict as exc:
+                    if guarded and (exc.type, exc.id) == (write.type, write.id):
+                        raise error(412, "conflict", f"Version conflict: {exc}") from None
+                except ConditionConflict:
+                    pass  # a concurrent write won: re-planning sees it
         raise error(409, "conflict", "The resource is being modified concurrently; retry")
 
 

@@ -14,10 +14,16 @@ A pipeline in four steps, each a module:
    missed one: two valid ID numbers never link; the twin pattern, a placeholder name, a
    household's shared phone and address alone, or name and birth date with nothing to
    corroborate them go to review at most.
+
+Behind the API, :class:`PatientIndex` (:mod:`hie.mpi.index`) runs this on every Patient a
+member writes: golden records (:mod:`hie.mpi.golden`, survivorship), links and reviews are
+stored as the internal records of :mod:`hie.mpi.records`, and a data steward's operations
+are in :mod:`hie.mpi.steward`.
 """
 
 from hie.mpi.blocking import BLOCK_CAP, BlockIndex, blocking_keys
 from hie.mpi.compare import FIELDS, ComparisonVector, compare
+from hie.mpi.index import MatchResult, PatientIndex, Person, RematchReport
 from hie.mpi.link import LINK, NEW, REVIEW, Decision, Scored, decide, score_clusters
 from hie.mpi.model import MATCH, NO_MATCH, POSSIBLE, Model, fit
 from hie.mpi.normalize import (
@@ -30,11 +36,15 @@ from hie.mpi.normalize import (
     normalize,
     parse_resident_id,
 )
+from hie.mpi.records import ENTERPRISE_ID_SYSTEM, GOLDEN_TAG, golden_of_member, is_golden
+from hie.mpi.state import Pending
 from hie.mpi.train import train
 
 __all__ = [
     "BLOCK_CAP",
+    "ENTERPRISE_ID_SYSTEM",
     "FIELDS",
+    "GOLDEN_TAG",
     "ID_SYSTEMS",
     "LINK",
     "MATCH",
@@ -46,8 +56,13 @@ __all__ = [
     "BlockIndex",
     "ComparisonVector",
     "Decision",
+    "MatchResult",
     "Model",
+    "PatientIndex",
+    "Pending",
+    "Person",
     "Record",
+    "RematchReport",
     "Scored",
     "blocking_keys",
     "canonical_phone",
@@ -55,6 +70,8 @@ __all__ = [
     "decide",
     "fit",
     "gb11643_check_digit",
+    "golden_of_member",
+    "is_golden",
     "is_valid_resident_id",
     "normalize",
     "parse_resident_id",

@@ -2,6 +2,7 @@
 
 from hie.store.port import (
     INTERNAL_TYPES,
+    SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -15,6 +16,7 @@ from hie.store.port import (
 
 __all__ = [
     "INTERNAL_TYPES",
+    "SEARCHED_INTERNAL_TYPES",
     "ConditionConflict",
     "Event",
     "Page",

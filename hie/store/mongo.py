@@ -82,6 +82,7 @@ from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailur
 from hie import jsonio
 from hie.store.port import (
     INTERNAL_TYPES,
+    SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -351,8 +352,8 @@ class MongoStore(Store):
 
     async def _ensure_indexes(self, types: Iterable[str], sort: Sequence[Sort] = ()) -> None:
         """Create each type's search indexes and those of ``sort``'s parameter keys
-        (internal types are never searched: they get none)."""
-        for type_ in set(types) - set(INTERNAL_TYPES):
+        (internal types that are never searched get none)."""
+        for type_ in set(types) - set(INTERNAL_TYPES).difference(SEARCHED_INTERNAL_TYPES):
             wanted = {type_: _RESOURCE_INDEXES}
             for key in sort:
                 field = _sort_field(key)

@@ -29,10 +29,24 @@ from hie.store.query import IndexRow, Query, Sort
 
 Method = Literal["POST", "PUT", "PATCH", "DELETE"]
 
-#: Types holding the server's own records, not FHIR resources: registered clients and
-#: the audit chain's head and seals. They are stored like resources (versions,
-#: compare-and-set) but never served, searched or listed in a system history.
-INTERNAL_TYPES = ("HieClient", "HieAuditHead", "HieAuditSeal")
+#: Types holding the server's own records, not FHIR resources: registered clients, the
+#: audit chain's head and seals, and the master patient index's state (see
+#: :mod:`hie.mpi.records`). They are stored like resources (versions, compare-and-set,
+#: searchable through their own index rows) but never served, searched through the FHIR
+#: API or listed in a system history.
+INTERNAL_TYPES = (
+    "HieClient",
+    "HieAuditHead",
+    "HieAuditSeal",
+    "HieMpiRecord",
+    "HieMpiLink",
+    "HieMpiReview",
+    "HieMpiMerge",
+    "HieMpiModel",
+)
+#: The internal types whose index rows are searched (the MPI's lookups by blocking key,
+#: golden record, review status); the others need no search indexes.
+SEARCHED_INTERNAL_TYPES = ("HieMpiRecord", "HieMpiLink", "HieMpiReview", "HieMpiMerge")
 
 
 @dataclass(frozen=True, slots=True)

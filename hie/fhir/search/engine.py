@@ -11,6 +11,14 @@ matches is skipped (up to ``search_max_results`` per search). A page shows each
 resource's current version; one deleted since the search began is left out.
 Snapshots expire after ``search_snapshot_ttl`` seconds (then 410 Gone).
 
+MDM expansion: ``:mdm`` parameters reach the engine as placeholders
+(:class:`~hie.fhir.search.mdm.SamePerson`), replaced before each store query with
+every Patient record of the person, which :attr:`SearchEngine.persons` (the master
+patient index) names.
+
+Snapshots belong to the operation that made them (``kind``: a search, or
+``$everything``): a paging key is only served by the operation that issued it.
+
 Includes: ``_include`` follows the reference rows of the page's resources (and of
 included ones, with ``:iterate``), ``_revinclude`` searches for resources referring
 to them; both read through the store's indexes.
@@ -21,7 +29,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -30,6 +38,7 @@ from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import fmt
 from hie.fhir.search.extract import index_rows, value_rows
+from hie.fhir.search.mdm import Persons, expand
 from hie.fhir.search.params import Include, SearchRequest
 from hie.fhir.search.registry import Registry
 from hie.fhir.types import served_types
@@ -40,6 +49,8 @@ from hie.store.query import Cond, Match, Query, Sort
 MAX_ITERATE = 4
 #: Snapshot key holding the registry fingerprint the index was built with.
 FINGERPRINT_KEY = "_registry-fingerprint"
+#: The ``kind`` of a snapshot made by a FHIR search.
+SEARCH = "search"
 
 
 @dataclass
@@ -55,6 +66,8 @@ class Found:
     length: int  # how many matches the snapshot (or this page) holds
     #: The snapshot cannot grow: it holds every match, or ``max_results`` of them.
     complete: bool = True
+    #: What the search that made the snapshot saved with it (later pages only).
+    state: dict = field(default_factory=dict)
 
     @property
     def more(self) -> bool:
@@ -73,11 +86,23 @@ class SearchEngine:
         self.base = base
         self.max_results = max_results
         self.ttl = ttl
+        #: The person behind a Patient id, for ``:mdm`` (None: each Patient is its own).
+        self.persons: Persons | None = None
+
+    async def expand(self, query: Query, cache: dict | None = None) -> Query:
+        """``query`` with its ``:mdm`` placeholders replaced by the person's Patients."""
+        return await expand(query, self.persons, cache)
+
+    async def _expand_all(self, queries: dict[str, Query]) -> dict[str, Query]:
+        cache: dict = {}  # one lookup per Patient across the types searched
+        return {t: await self.expand(q, cache) for t, q in queries.items()}
 
     async def search(self, queries: dict[str, Query], req: SearchRequest, state: dict) -> Found:
         """Run ``req`` over one query per resource type (one type for a type-level
         search; several for system-level and compartment ``*`` searches). ``state`` is
-        what :meth:`page` needs to rebuild ``queries`` when it extends the snapshot."""
+        what :meth:`page` needs to rebuild ``queries`` when it extends the snapshot
+        (with its ``kind``, :data:`SEARCH` unless given)."""
+        queries = await self._expand_all(queries)
         if req.count == 0:  # _summary=count or _count=0: only the total
             total = None if req.total == "none" else await self._count(queries)
             return Found([], [], total, 0, 0, None, 0)
@@ -92,7 +117,7 @@ class SearchEngine:
         key = None
         if len(refs) > want or not complete:
             key = uuid.uuid4().hex
-            state = {**state, "sort": [[k.param, k.descending] for k in req.sort]}
+            state = {"kind": SEARCH, **state, "sort": [[k.param, k.descending] for k in req.sort]}
             await self._save(key, refs, {**state, "complete": complete})
         matches = await self.read_refs(refs[req.offset : want])
         grows = not complete and len(refs) < self.max_results
@@ -105,8 +130,12 @@ class SearchEngine:
         count: int,
         rebuild: Callable[[dict], dict[str, Query]],
         authorize: Callable[[list[str]], None],
+        kind: str = SEARCH,
+        accept: Callable[[dict], None] | None = None,
     ) -> Found:
-        """A later page of a snapshot; 410 when it expired or never existed.
+        """A later page of a snapshot; 410 when it expired or never existed, 400 when
+        another operation (``kind``) made it. ``accept`` may refuse the snapshot's
+        state (by raising) before any work.
 
         A snapshot first holds the matches of the first page; a page beyond them runs
         the search again for at least twice as many and appends the matches not shown
@@ -116,12 +145,22 @@ class SearchEngine:
         if head is None or not head[0]:
             raise error(410, "not-found", "This search has expired; run it again")
         state, length = orjson.loads(head[0][0]), head[1] - 1
+        made_by = state.get("kind", SEARCH)
+        if made_by != kind:
+            raise error(
+                400,
+                "invalid",
+                f"This paging key was issued by another operation ({made_by}); "
+                "use the links it returned",
+            )
+        if accept is not None:
+            accept(state)
         authorize(state["types"])  # before any work: the caller may search these types
         if offset + count > length and not state["complete"]:
             refs = (await self.store.load_snapshot(key, 1, length) or ([], 0))[0]
             sort = tuple(Sort(p, d) for p, d in state["sort"])
             fetch = min(max(offset + count, 2 * length), self.max_results)
-            hits = await self._hits(rebuild(state), sort, fetch + 1)
+            hits = await self._hits(await self._expand_all(rebuild(state)), sort, fetch + 1)
             state["complete"] = len(hits) <= fetch
             shown = set(refs)
             refs = (refs + [r for r in hits if r not in shown])[: self.max_results]
@@ -132,7 +171,7 @@ class SearchEngine:
         total = length if state["complete"] else None
         matches = await self.read_refs(page)
         grows = not state["complete"] and length < self.max_results
-        return Found(matches, [], total, offset, count, key, length, not grows)
+        return Found(matches, [], total, offset, count, key, length, not grows, state)
 
     async def _count(self, queries: dict[str, Query]) -> int:
         return sum([(await self.store.search(t, q, count=0)).total for t, q in queries.items()])

@@ -4,10 +4,12 @@ result parameters that shape the answer.
 Everything the R4 search page defines for parameter values is handled here: ``,``
 (OR) and repeated parameters (AND), ``\\`` escapes, prefixes, modifiers, chaining
 (``subject:Patient.name=``, any depth), reverse chaining (``_has``, nested),
-composite values (``a$b``) and ``:missing``. Parameter definitions come from the
-:class:`~hie.fhir.search.registry.Registry`; the index rows they are compared with
-come from :mod:`hie.fhir.search.extract`, whose pseudo-parameters (``p:text``,
-``p:of-type``, ``p:identifier``, ``p#canonical``) the modifiers use.
+composite values (``a$b``), ``:missing`` and ``:mdm`` (a Patient reference widened to
+every Patient record of the same person, see :mod:`hie.fhir.search.mdm`). Parameter
+definitions come from the :class:`~hie.fhir.search.registry.Registry`; the index rows
+they are compared with come from :mod:`hie.fhir.search.extract`, whose
+pseudo-parameters (``p:text``, ``p:of-type``, ``p:identifier``, ``p#canonical``) the
+modifiers use.
 
 Malformed values, unknown modifiers and impossible chains are a 400 naming the
 parameter; unknown parameters are ignored and reported (``Prefer: handling=lenient``)
@@ -26,6 +28,7 @@ from hie.fhir.search import text as textfold
 from hie.fhir.search import units
 from hie.fhir.search.dates import date_range, fmt
 from hie.fhir.search.extract import UCUM, reference_key
+from hie.fhir.search.mdm import MAX_VALUES, MDM, SamePerson
 from hie.fhir.search.registry import ParamDef, Registry, default_registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import small_int, valid_id
@@ -51,7 +54,7 @@ RESULT_PARAMS = frozenset(
 MODIFIERS = {
     "string": ("missing", "exact", "contains"),
     "token": ("missing", "not", "text", "of-type"),
-    "reference": ("missing", "identifier"),  # plus :Type
+    "reference": ("missing", "identifier", MDM),  # plus :Type; :mdm if it can be a Patient
     "date": ("missing",),
     "number": ("missing",),
     "quantity": ("missing",),
@@ -201,6 +204,8 @@ class _Parser:
         return None
 
     def simple(self, type_: str, key: str, param: ParamDef, modifier: str, value: str) -> Term:
+        if modifier == MDM:
+            return self.mdm(type_, key, param, value)
         if modifier == "missing":
             if value not in ("true", "false"):
                 raise bad(key, "the :missing modifier takes true or false")
@@ -221,6 +226,49 @@ class _Parser:
         if modifier == "not":  # token: none of the codes
             return Not(_any(tuple(self.value_term(type_, key, param, "", v) for v in values)))
         return _any(tuple(self.value_term(type_, key, param, modifier, v) for v in values))
+
+    def mdm(self, type_: str, key: str, param: ParamDef, value: str) -> SamePerson:
+        """``:mdm``: the Patients named, widened by the engine to each one's person."""
+        if param.code == "_id":
+            if type_ != "Patient":
+                raise bad(key, "_id:mdm applies to Patient searches only")
+        elif param.type != "reference":
+            raise bad(
+                key,
+                ":mdm applies to references to a Patient (and to Patient's _id), "
+                f"not to the {param.type} parameter {param.code}",
+            )
+        elif not may_be_patient(param):
+            raise bad(
+                key, f"{type_}.{param.code} cannot refer to a Patient, so :mdm does not apply"
+            )
+        values = split(value, ",")
+        if not value or any(v == "" for v in values):
+            raise bad(key, "empty value")
+        if len(values) > MAX_VALUES:
+            raise bad(key, f":mdm takes at most {MAX_VALUES} Patients")
+        ids: dict[str, None] = {}
+        literal: dict[str, None] = {}
+        for raw in values:
+            reference = unescape(raw)
+            if "://" in reference:
+                url = reference.split("|", 1)[0]
+                local = reference_key(url, self.base)
+                if local == url:
+                    raise bad(key, f"{reference!r} is not a Patient on this server")
+                literal[url] = None
+                reference = local
+            elif "/" in reference:
+                reference = reference_key(reference)
+            else:
+                reference = f"Patient/{reference}"
+            kind, _, id_ = reference.partition("/")
+            if kind != "Patient" or not valid_id(id_):
+                raise bad(key, f"{unescape(raw)!r} is not a Patient reference or id")
+            ids[id_] = None
+        if param.code == "_id":
+            return SamePerson(None, tuple(ids))
+        return SamePerson(param.code, tuple(ids), tuple(literal))
 
     def modifier_ok(self, type_: str, param: ParamDef, modifier: str) -> bool:
         if modifier in MODIFIERS.get(param.type, ()):
@@ -308,6 +356,8 @@ class _Parser:
         if depth + 1 > MAX_CHAIN_DEPTH:
             raise bad(key, f"chains are limited to {MAX_CHAIN_DEPTH} levels")
         targets = self.targets(param)
+        if modifier == MDM:
+            raise bad(key, "a parameter with :mdm cannot be chained; put :mdm on the last one")
         if modifier:
             if modifier not in targets:
                 raise bad(key, f"{modifier} is not a target type of {param.code}")
@@ -413,6 +463,11 @@ class _Parser:
         elif target:
             raise bad(name, "a target type needs a named parameter")
         return Include(source, pname, target, iterate, reverse)
+
+
+def may_be_patient(param: ParamDef) -> bool:
+    """Whether a reference parameter can point at a Patient (no targets: any type)."""
+    return not param.targets or bool({"Patient", "Resource"} & set(param.targets))
 
 
 def _any(terms: tuple[Term, ...]) -> Term:

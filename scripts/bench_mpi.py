@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""Master patient index benchmark: ``Patient/$match`` latency and registration throughput
+as the population grows, on the embedded store.
+
+Starts a real ``hie serve`` (authentication and audit on) on a fresh temporary data
+directory, registers three member clients (``hie client add``) and fills the store with
+the synthetic Chinese population of ``scripts/mpi_population.py`` (each person registered
+at one to three members, with the generator's typos, homophones and missing fields): every
+member registration is a Patient create in a transaction Bundle of ``--bundle-size``
+entries from that member, so the MPI matches it as it arrives. The population grows in
+steps (``--sizes``, in people: golden records); at each step the script measures, against
+the same server:
+
+* ``$match``: ``POST /fhir/Patient/$match`` of ``--queries`` query Patients, half of them
+  a stored registration of a random known person as another member would send it, half a
+  person nobody registered; one client (latency) and ``--concurrency`` clients;
+* the baseline: ``GET /fhir/Patient?identifier=<system>|<value>`` for the same people (an
+  indexed search through the same authentication, audit and HTTP path), so the report
+  gives ``$match`` / search;
+* registration throughput: ``POST /fhir/Patient`` of new people's registrations for
+  ``--duration`` seconds with ``--concurrency`` clients, against ``POST /fhir/Observation``
+  (no MPI work) in the same phase order;
+* the golden records, HieMpiRecord entries, review items and database size.
+
+Output: a Markdown report on stdout (``--json PATH`` writes every figure); progress on
+stderr. Example::
+
+    .venv/bin/python scripts/bench_mpi.py --sizes 10k,100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import orjson
+from bench_common import (  # the scripts' shared helpers, next to this file
+    FHIR_JSON,
+    HOST,
+    Server,
+    clean_env,
+    fmt_ms,
+    fmt_num,
+    free_port,
+    hie_executable,
+    log,
+    machine_info,
+    parse_size,
+    percentile,
+    run_async,
+)
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from mpi_population import MEMBER_NAMES, population
+
+from hie.mpi import RESIDENT_ID_SYSTEM
+
+MEMBERS = MEMBER_NAMES[:3]
+SCOPE = "system/Patient.cruds system/Observation.cruds"
+
+
+def _hie(*args: str, data_dir: Path) -> str:
+    done = subprocess.run(
+        [*hie_executable(), *args],
+        env=clean_env(HIE_DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def member_tokens(data_dir: Path) -> dict[str, str]:
+    """Register one client per member (a throw-away public key: the benchmark mints its
+    tokens with ``hie token`` instead of the token endpoint) and mint day-long tokens."""
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    pem = data_dir / "bench-client.pem"
+    pem.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    tokens = {}
+    for i, member in enumerate(MEMBERS):
+        client = f"bench-{i}"
+        _hie(
+            "client", "add", client, "--org", f"Organization/{member}", "--role", "member",
+            "--org-name", member, "--scope", SCOPE, "--public-key", str(pem),
+            data_dir=data_dir,
+        )  # fmt: skip
+        out = _hie("token", "--client", client, "--ttl", "86400", data_dir=data_dir)
+        tokens[member] = out.splitlines()[-1]
+    return tokens
+
+
+def resident_id(patient: dict) -> str | None:
+    for identifier in patient.get("identifier", ()):
+        if identifier.get("system") == RESIDENT_ID_SYSTEM and identifier.get("value"):
+            return identifier["value"]
+    return None
+
+
+class Bench:
+    """One server, its member clients and the growing population."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.data_dir = workdir / "data"
+        self.data_dir.mkdir()
+        self.tokens = member_tokens(self.data_dir)
+        port = free_port()
+        argv = [*hie_executable(), "serve", "--port", str(port), "--data-dir", str(self.data_dir)]
+        self.server = Server("hie", argv, clean_env(), port, workdir / "server.log")
+        self.base = f"http://{HOST}:{port}/fhir"
+        people = args.sizes[-1] + args.fresh_people
+        log(f"generating {people:,} synthetic people")
+        registrations = population(people, members=len(MEMBERS), seed=args.seed)
+        rng = random.Random(args.seed)
+        fresh = set(rng.sample(sorted({p for _, _, p in registrations}), args.fresh_people))
+        fresh_list = [(m, pat, p) for m, pat, p in registrations if p in fresh]
+        unknown = {p for _, _, p in fresh_list[::2]}
+        #: registrations of people never stored (the "nobody" half of the $match queries)
+        self.unknown = [(m, pat) for m, pat, p in fresh_list if p in unknown]
+        #: registrations of people the registration phases add
+        self.fresh = [(m, pat) for m, pat, p in fresh_list if p not in unknown]
+        self.stream = [(m, pat, p) for m, pat, p in registrations if p not in fresh]
+        self.loaded = 0  # registrations of self.stream sent so far
+        self.people: dict[str, list[tuple[str, dict]]] = {}
+
+    def client(self, member: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base,
+            headers={"Authorization": f"Bearer {self.tokens[member]}", "Content-Type": FHIR_JSON},
+            timeout=120,
+        )
+
+    async def fill(self, people: int) -> dict:
+        """Register the stream until ``people`` distinct persons are stored."""
+        batch: dict[str, list[dict]] = {m: [] for m in MEMBERS}
+        queue: asyncio.Queue = asyncio.Queue(maxsize=8)
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            clients = {m: self.client(m) for m in MEMBERS}
+            try:
+                while (item := await queue.get()) is not None:
+                    member, entries = item
+                    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+                    r = await clients[member].post("", content=orjson.dumps(bundle))
+                    if r.status_code != 200:
+                        raise RuntimeError(f"transaction failed {r.status_code}: {r.text[:500]}")
+                    sent += len(entries)
+            finally:
+                for c in clients.values():
+                    await c.aclose()
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.args.fill_concurrency)]
+        start = time.perf_counter()
+        count = 0
+        while len(self.people) < people and self.loaded < len(self.stream):
+            member, patient, person = self.stream[self.loaded]
+            self.loaded += 1
+            self.people.setdefault(person, []).append((member, patient))
+            batch[member].append(
+                {"resource": patient, "request": {"method": "POST", "url": "Patient"}}
+            )
+            count += 1
+            if len(batch[member]) >= self.args.bundle_size:
+                await queue.put((member, batch[member]))
+                batch[member] = []
+        for member, entries in batch.items():
+            if entries:
+                await queue.put((member, entries))
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+        seconds = time.perf_counter() - start
+        log(f"  filled {count:,} registrations in {seconds:.1f} s ({count / seconds:,.0f}/s)")
+        return {"registrations": count, "seconds": seconds, "per_second": count / seconds}
+
+    def queries(self, n: int, rng: random.Random) -> list[dict]:
+        """Half known people (a stored registration), half people nobody registered."""
+        known = rng.sample(sorted(self.people), min(n // 2, len(self.people)))
+        out = [rng.choice(self.people[p])[1] for p in known]
+        out += [pat for _, pat in rng.sample(self.unknown, min(n - len(out), len(self.unknown)))]
+        rng.shuffle(out)
+        return out
+
+    async def timed(
+        self, items: list, call: Callable[[httpx.AsyncClient, object], Awaitable[int]], conc: int
+    ) -> dict:
+        """Run ``call`` over ``items`` with ``conc`` clients; latency percentiles in ms."""
+        latencies: list[float] = []
+        queue = list(items)
+        member = MEMBERS[0]
+
+        async def worker() -> None:
+            async with self.client(member) as c:
+                while queue:
+                    item = queue.pop()
+                    t = time.perf_counter()
+                    status = await call(c, item)
+                    latencies.append((time.perf_counter() - t) * 1000)
+                    if status >= 400:
+                        raise RuntimeError(f"request failed with {status}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        seconds = time.perf_counter() - start
+        latencies.sort()
+        return {
+            "n": len(latencies),
+            "ops": len(latencies) / seconds,
+            "p50": percentile(latencies, 0.5),
+            "p95": percentile(latencies, 0.95),
+        }
+
+    async def match_phase(self, rng: random.Random) -> dict:
+        queries = self.queries(self.args.queries, rng)
+        params = [
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "resource", "resource": q},
+                    {"name": "count", "valueInteger": 10},
+                ],
+            }
+            for q in queries
+        ]
+        ids = [resident_id(q) for q in queries]
+        ids = [i for i in ids if i] or ["000000000000000000"]
+
+        async def match(c: httpx.AsyncClient, body: object) -> int:
+            r = await c.post("/Patient/$match", content=orjson.dumps(body))
+            return r.status_code
+
+        async def search(c: httpx.AsyncClient, value: object) -> int:
+            r = await c.get("/Patient", params={"identifier": f"{RESIDENT_ID_SYSTEM}|{value}"})
+            return r.status_code
+
+        await self.timed(params[:20], match, 1)  # warm-up
+        out = {}
+        for conc in (1, self.args.concurrency):
+            out[f"match_c{conc}"] = await self.timed(params, match, conc)
+            out[f"search_c{conc}"] = await self.timed(ids, search, conc)
+        return out
+
+    async def register_phase(self) -> dict:
+        """POST single registrations of fresh people (MPI on) against Observations."""
+        out = {}
+        duration = self.args.duration
+        for kind in ("Patient", "Observation", "Observation", "Patient"):
+            fresh = iter(self.fresh[self.fresh_used :])
+            latencies: list[float] = []
+            stop = time.perf_counter() + duration
+
+            async def worker(fresh=fresh, latencies=latencies, stop=stop, kind=kind) -> None:
+                async with self.client(MEMBERS[1]) as c:
+                    while time.perf_counter() < stop:
+                        if kind == "Patient":
+                            item = next(fresh, None)
+                            if item is None:
+                                return
+                            self.fresh_used += 1
+                            body = item[1]
+                        else:
+                            body = {
+                                "resourceType": "Observation",
+                                "status": "final",
+                                "code": {"text": "bench"},
+                                "subject": {"reference": "Patient/bench"},
+                            }
+                        t = time.perf_counter()
+                        r = await c.post(f"/{kind}", content=orjson.dumps(body))
+                        latencies.append((time.perf_counter() - t) * 1000)
+                        if r.status_code != 201:
+                            raise RuntimeError(f"{kind} create failed {r.status_code}: {r.text}")
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
+            seconds = time.perf_counter() - start
+            latencies.sort()
+            out.setdefault(kind, []).append(
+                {
+                    "n": len(latencies),
+                    "ops": len(latencies) / seconds,
+                    "p50": percentile(latencies, 0.5),
+                    "p95": percentile(latencies, 0.95),
+                }
+            )
+        return out
+
+    def counts(self) -> dict:
+        db = self.data_dir / "hie.sqlite3"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            n = dict(conn.execute("SELECT type, n FROM live_counts").fetchall())
+            golden = conn.execute(
+                "SELECT count(*) FROM search_index WHERE type = 'Patient' AND param = '_tag'"
+                " AND text = 'golden-record'"
+            ).fetchone()[0]
+            pages, free, size = (
+                conn.execute(f"PRAGMA {p}").fetchone()[0]
+                for p in ("page_count", "freelist_count", "page_size")
+            )
+        finally:
+            conn.close()
+        wal = db.with_name(db.name + "-wal")
+        return {
+            "patients": n.get("Patient", 0),
+            "golden": golden,
+            "records": n.get("HieMpiRecord", 0),
+            "reviews": n.get("HieMpiReview", 0),
+            "db_mib": ((pages - free) * size + (wal.stat().st_size if wal.exists() else 0)) / 2**20,
+        }
+
+    async def run(self) -> list[dict]:
+        rng = random.Random(self.args.seed + 1)
+        self.fresh_used = 0
+        steps = []
+        for size in self.args.sizes:
+            log(f"step: {size:,} people")
+            fill = await self.fill(size)
+            step = {"people": size, "fill": fill}
+            step.update(await self.match_phase(rng))
+            step["register"] = await self.register_phase()
+            step["store"] = self.counts()
+            steps.append(step)
+            log(f"  {step['store']}")
+        return steps
+
+
+def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
+    c = args.concurrency
+    lines = [
+        f"Machine: {machine}",
+        "",
+        f"| people | member records | golden records | reviews | DB MiB | fill regs/s "
+        f"| $match p50 / p95 ms (c1) | search p50 / p95 ms (c1) | $match / search p50 "
+        f"| $match ops/s (c{c}) | search ops/s (c{c}) | Patient create/s (c{c}) "
+        f"| Observation create/s (c{c}) | Patient / Observation |",
+        "|---" * 14 + "|",
+    ]
+    for s in steps:
+        m1, s1 = s["match_c1"], s["search_c1"]
+        mc, sc = s[f"match_c{c}"], s[f"search_c{c}"]
+        pat = statistics.median(r["ops"] for r in s["register"]["Patient"])
+        obs = statistics.median(r["ops"] for r in s["register"]["Observation"])
+        st = s["store"]
+        lines.append(
+            f"| {s['people']:,} | {st['patients'] - st['golden']:,} | {st['golden']:,} "
+            f"| {st['reviews']:,} | {st['db_mib']:,.0f} | {fmt_num(s['fill']['per_second'])} "
+            f"| {fmt_ms(m1['p50'])} / {fmt_ms(m1['p95'])} | {fmt_ms(s1['p50'])} / "
+            f"{fmt_ms(s1['p95'])} | {m1['p50'] / s1['p50']:.2f}× | {fmt_num(mc['ops'])} "
+            f"| {fmt_num(sc['ops'])} | {fmt_num(pat)} | {fmt_num(obs)} | {pat / obs:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10k,100k", help="people (golden records) per step")
+    p.add_argument("--queries", type=int, default=400, help="$match queries per phase")
+    p.add_argument("--concurrency", type=int, default=4, help="clients of the loaded phases")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per registration phase")
+    p.add_argument("--bundle-size", type=int, default=100, help="registrations per Bundle")
+    p.add_argument("--fill-concurrency", type=int, default=2, help="Bundles in flight")
+    p.add_argument("--fresh-people", type=int, default=3000, help="people kept for queries")
+    p.add_argument("--seed", type=int, default=20250630)
+    p.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.sizes != sorted(args.sizes):
+        p.error("--sizes must be ascending")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="hie-bench-mpi-"))
+    try:
+        bench = Bench(args, workdir)
+        bench.server.start()
+        try:
+            steps = run_async(bench.run())
+        finally:
+            bench.server.stop()
+        machine = machine_info()
+        print(report(args, steps, machine))
+        if args.json:
+            args.json.write_bytes(orjson.dumps({"args": vars(args), "steps": steps}, default=str))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
