@@ -89,6 +89,10 @@ def serve(
         log_level="warning",
         access_log=False,
         proxy_headers=True,
+        # Longer than clients' idle-connection expiry (httpx: 5 s, uvicorn's default
+        # too): otherwise a pooled connection the server closes as the client reuses it
+        # fails with "server disconnected" (nginx keeps 75 s as well).
+        timeout_keep_alive=75,
     )
 
 

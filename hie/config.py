@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hie.mpi.model import MATCH_PROBABILITY, POSSIBLE_PROBABILITY
-from hie.mpi.normalize import GB11643, OPAQUE
-
-ID_CHECKS = (OPAQUE, GB11643)
+#: Checks a national identifier system can get (``hie.mpi.normalize``: OPAQUE, GB11643).
+ID_CHECKS = ("opaque", "gb11643")
+#: Defaults of the MPI thresholds (``hie.mpi.model``'s; kept as literals so that reading
+#: settings imports nothing else).
+MATCH_PROBABILITY = 0.999
+POSSIBLE_PROBABILITY = 0.05
 
 
 def _bool(value: str) -> bool:

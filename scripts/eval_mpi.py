@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import time
@@ -415,7 +416,9 @@ class ApiRun:
         ids = {}
         for n, entry in enumerate(entries, 1):
             token = self.tokens[_member_of(dataset, entry)]
-            ids[entry.key] = self.call("POST", "Patient", token, json=entry.patient)["id"]
+            ids[entry.key] = self.call("POST", "Patient", token, json=_sendable(entry.patient))[
+                "id"
+            ]
             if n % 2000 == 0:
                 print(f"  {dataset}: {n:,} registered", file=sys.stderr, flush=True)
         return ids
@@ -476,6 +479,20 @@ class ApiRun:
                 if response.status_code < 400:  # a stale item (its pair moved) is skipped
                     decided += 1
                     same += verdict == "same"
+
+
+def _sendable(patient: dict) -> dict:
+    """``patient`` as an EMR could send it: FEBRL's impossible birth dates (month 13, 30
+    February) are not valid FHIR dates, so the server would refuse them; they are left
+    out (the library run flags and ignores them the same way)."""
+    birth = patient.get("birthDate")
+    if birth is None:
+        return patient
+    try:
+        dt.date.fromisoformat(birth)
+    except (TypeError, ValueError):
+        return {k: v for k, v in patient.items() if k != "birthDate"}
+    return patient
 
 
 def _parts(parameter: dict) -> dict:

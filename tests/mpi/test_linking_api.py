@@ -374,3 +374,18 @@ def test_bad_identifier_system_settings_are_refused(value):
 
     with pytest.raises(ValueError, match="HIE_MPI_ID_SYSTEMS"):
         Settings.from_env({"HIE_MPI_ID_SYSTEMS": value})
+
+
+def test_settings_defaults_are_the_models():
+    """The settings keep the matching core's defaults as literals (reading settings must
+    not import the MPI); they stay the same values."""
+    from hie.config import ID_CHECKS, Settings
+    from hie.mpi.model import MATCH_PROBABILITY, POSSIBLE_PROBABILITY
+    from hie.mpi.normalize import GB11643, OPAQUE
+
+    settings = Settings()
+    assert (settings.mpi_link_threshold, settings.mpi_review_threshold) == (
+        MATCH_PROBABILITY,
+        POSSIBLE_PROBABILITY,
+    )
+    assert set(ID_CHECKS) == {OPAQUE, GB11643}
