@@ -14,10 +14,13 @@ A comparison also names a *conflict*, which overrides the score:
 The others forbid an automatic link whatever the score; the pair can only be reviewed:
 
 - ``twin``: same family name and exact birth date, different given names, and not the
-  same or nearly the same national ID number (for Han names also the same pattern with
-  family and given swapped: a Han family name does not change at marriage). Twins share
-  birth date, address, family name and often the parents' phone: evidence that is not
-  independent, which Fellegi-Sunter would add up into a confident wrong link.
+  same national ID number (for Han names also the same pattern with family and given
+  swapped: a Han family name does not change at marriage). Twins share birth date,
+  address, family name and often the parents' phone: evidence that is not independent,
+  which Fellegi-Sunter would add up into a confident wrong link. A nearly equal number
+  lifts the rule only when neither is a verified resident ID number: twins get
+  consecutive GB 11643 sequence digits, so a number failing its check digit one digit
+  away from a valid one may be the twin's, mistyped.
 - ``name-placeholder``: a record named by a placeholder (新生儿, 王芳之子: a newborn named
   after the mother) and no shared ID number. Newborn twins have nothing else apart.
 """
@@ -206,7 +209,7 @@ def compare(a: Record, b: Record) -> ComparisonVector:
         conflict = ID_CONFLICT
     elif (
         birth == 4
-        and national_id < 2
+        and (national_id < 2 or (national_id == 2 and (a.id_checked or b.id_checked)))
         and ((family >= 3 and given == 1) or (a.han and b.han and given >= 3 and family == 1))
     ):
         conflict = TWIN

@@ -549,7 +549,8 @@ class PatientIndex:
     async def plan_resolve(
         self, principal: Principal, review_id: str, decision: str
     ) -> list[Write]:
-        """Decide review ``review_id``: ``same`` links its record to the candidate person,
+        """Decide review ``review_id``: ``same`` links its record to the candidate person
+        (merging the two golden records when the MPI had linked the record with others),
         ``different`` is remembered (the pair is never proposed or linked again)."""
         return await steward.resolve(self, principal, review_id, decision)
 

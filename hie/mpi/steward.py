@@ -221,8 +221,15 @@ async def resolve(
     if decision == SAME:
         if candidate is None:
             raise error(409, "business-rule", "The proposed golden record no longer exists")
-        event = LinkEvent(LINK_ACTION, reason, principal.client_id)
-        await move(state, patient, record, candidate, event)
+        golden = await state.read("Patient", current) if current else None
+        others = [m for m in refer_members((golden.body or {}) if golden else {}) if m != record_id]
+        if current and current != candidate and others:
+            # The record's golden record holds others the MPI linked to it as the same
+            # person: the steward's decision makes the two golden records one person.
+            await merge(index, principal, current, candidate, state=state)
+        else:
+            event = LinkEvent(LINK_ACTION, reason, principal.client_id)
+            await move(state, patient, record, candidate, event)
     elif candidate is not None and candidate == current:
         golden = await state.read("Patient", current)
         if refer_members(golden.body or {}) != [record_id]:
@@ -253,12 +260,18 @@ def _merge_link(kind: str, other: str) -> dict:
 
 
 async def merge(
-    index: PatientIndex, principal: Principal, source_id: str, target_id: str
+    index: PatientIndex,
+    principal: Principal,
+    source_id: str,
+    target_id: str,
+    *,
+    state: State | None = None,
 ) -> list[Write]:
-    """See :meth:`PatientIndex.plan_merge`."""
+    """See :meth:`PatientIndex.plan_merge`; ``state``: plan within it (a review decision
+    that merges)."""
     if source_id == target_id:
         raise error(422, "business-rule", "A record cannot be merged into itself")
-    state = index.state()
+    state = state or index.state()
     source = await state.read("Patient", source_id)
     target = await state.read("Patient", target_id)
     for pid, current in ((source_id, source), (target_id, target)):

@@ -134,3 +134,31 @@ def test_placeholder_names_conflict():
     named = normalize({"name": [{"text": "李明"}], "birthDate": "2025-01-02"})
     assert PLACEHOLDER_NAME in newborn.flags
     assert compare(newborn, named).conflict == PLACEHOLDER_NAME
+
+
+def test_a_mistyped_twin_number_does_not_lift_the_twin_rule():
+    """Twins' resident ID numbers differ in their sequence digits: one twin's number with
+    one digit mistyped (failing its check digit) is one digit away from the other twin's
+    valid number. That closeness must not outweigh different given names."""
+    near = person(name="张强", id_number=ZHANG[:16] + "9" + ZHANG[17])
+    assert near.id_suspect and levels(person(), near)["national_id"] == "close"
+    assert compare(person(), near).conflict == TWIN
+    # the same closeness with the same given name is a typo of one person's number
+    assert not compare(person(), person(id_number=ZHANG[:16] + "9" + ZHANG[17])).conflict
+
+
+def test_close_unchecked_numbers_still_lift_the_twin_rule():
+    """Without check digits (other national schemes) a near number is a typo's evidence."""
+    systems = {"urn:example:ssn": OPAQUE}
+
+    def ssn(value: str, given: str) -> Record:
+        return normalize(
+            {
+                "identifier": [{"system": "urn:example:ssn", "value": value}],
+                "name": [{"family": "Miller", "given": [given]}],
+                "birthDate": "1970-01-01",
+            },
+            id_systems=systems,
+        )
+
+    assert not compare(ssn("5304218", "Joanna"), ssn("5302418", "Kate")).conflict

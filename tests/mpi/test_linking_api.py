@@ -389,3 +389,37 @@ def test_settings_defaults_are_the_models():
         POSSIBLE_PROBABILITY,
     )
     assert set(ID_CHECKS) == {OPAQUE, GB11643}
+
+
+def test_same_on_a_record_linked_with_others_merges_the_two_golden_records(api):
+    """A record that matches two people with certainty joins the better one and the other
+    goes to review ("several-matches"): a steward's "same" then makes the two golden
+    records one person (a merge), instead of pulling the record away from the records it
+    was linked with."""
+    with_id = post(api, {**ZHANG, "telecom": []}, "a")  # ID, name, birth date
+    with_phone = post(api, {**ZHANG, "identifier": []}, "b")  # name, birth date, phone
+    first, second = golden_of_member(with_id), golden_of_member(with_phone)
+    assert first != second  # name and birth date alone do not link
+    both = post(api, ZHANG, "c")  # ID and phone: certain with each
+    mpi = api.app.state.mpi
+    reviews, _ = engine(api, mpi.reviews(OPEN, 50, 0))
+    [review] = [r for r in reviews if r["record"] == both["id"]]
+    joined = golden_of_member(both)
+    assert {joined, review["candidate"]} == {first, second}
+
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "review", "valueString": review["id"]},
+            {"name": "decision", "valueCode": "same"},
+        ],
+    }
+    r = api.post("/fhir/Patient/$mpi-resolve", json=body, headers=api.as_["steward"])
+    assert r.status_code == 200, r.text
+    survivor = read(api, f"Patient/{review['candidate']}")
+    assert sorted(refer_members(survivor)) == sorted([with_id["id"], with_phone["id"], both["id"]])
+    retired = read(api, f"Patient/{joined}")
+    assert retired["active"] is False
+    assert {"other": {"reference": f"Patient/{review['candidate']}"}, "type": "replaced-by"} in [
+        {k: v for k, v in link.items() if k in ("other", "type")} for link in retired["link"]
+    ]
