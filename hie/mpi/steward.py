@@ -335,21 +335,8 @@ async def _merge_golden(
 ) -> None:
     patients = await state.read_many("Patient", moved)
     records = await state.read_many(RECORD_TYPE, moved)
-    bodies = {}
-    for pid in moved:
-        if pid not in patients or pid not in records:
-            continue
-        body = with_link(patients[pid].body, target_id)
-        state.put_patient(pid, body, patients[pid])
-        bodies[pid] = body
-        stamp = to_fhir_instant(now())
-        put_record(
-            state,
-            pid,
-            {**records[pid].body, "golden": target_id, "lastUpdated": stamp},
-            records[pid],
-        )
-        await put_link(state, pid, target_id, source_id, event)
+    present = [pid for pid in moved if pid in patients and pid in records]
+    bodies = await _relink(state, present, patients, records, target_id, source_id, event)
     base = {
         **target.body,
         "link": [*_links(target.body, source_id), _merge_link(REPLACES, source_id)],
@@ -414,19 +401,7 @@ async def _unmerge_golden(
             409, "business-rule", f"None of the merged members is in Patient/{target_id} any more"
         )
     patients = await state.read_many("Patient", back)
-    bodies = {}
-    for pid in back:
-        body = with_link(patients[pid].body, source_id)
-        state.put_patient(pid, body, patients[pid])
-        bodies[pid] = body
-        stamp = to_fhir_instant(now())
-        put_record(
-            state,
-            pid,
-            {**records[pid].body, "golden": source_id, "lastUpdated": stamp},
-            records[pid],
-        )
-        await put_link(state, pid, source_id, target_id, event)
+    bodies = await _relink(state, back, patients, records, source_id, target_id, event)
     before = merged["sourceBefore"]
     base = {
         **before,
@@ -435,3 +410,30 @@ async def _unmerge_golden(
     await rebuild(state, source_id, add=back, bodies=bodies, base=base)
     target_base = {**target.body, "link": _links(target.body, source_id)}
     await rebuild(state, target_id, remove=back, base=target_base)
+
+
+async def _relink(
+    state: State,
+    pids: list[str],
+    patients: dict[str, Current],
+    records: dict[str, Current],
+    golden_id: str,
+    previous: str,
+    event: LinkEvent,
+) -> dict[str, dict]:
+    """Point member records ``pids`` at golden record ``golden_id`` (from ``previous``):
+    their link, HieMpiRecord and HieMpiLink; returns their new bodies."""
+    bodies = {}
+    for pid in pids:
+        body = with_link(patients[pid].body, golden_id)
+        state.put_patient(pid, body, patients[pid])
+        bodies[pid] = body
+        stamp = to_fhir_instant(now())
+        put_record(
+            state,
+            pid,
+            {**records[pid].body, "golden": golden_id, "lastUpdated": stamp},
+            records[pid],
+        )
+        await put_link(state, pid, golden_id, previous, event)
+    return bodies

@@ -15,7 +15,7 @@ from hie.config import Settings
 from hie.fhir.errors import FhirError
 from hie.fhir.search.registry import Registry
 from hie.fhir.service import FhirService
-from hie.mpi import RESIDENT_ID_SYSTEM, gb11643_check_digit
+from hie.mpi import RESIDENT_ID_SYSTEM
 from hie.mpi.golden import golden_body
 from hie.mpi.index import PatientIndex
 from hie.mpi.records import (
@@ -36,6 +36,7 @@ from hie.mpi.records import (
 from hie.mpi.state import Pending
 from hie.store import ConditionConflict, VersionConflict
 from tests.conftest import make_store
+from tests.mpi.people import person
 
 GRANTS = (Grant("system", "*", frozenset(ACTIONS)),)
 
@@ -48,26 +49,6 @@ def member(org: str) -> Principal:
 
 STEWARD_P = Principal("steward-1", GRANTS, roles=frozenset({STEWARD}))
 ADMIN_P = Principal("admin-1", GRANTS, roles=frozenset({ADMIN}))
-
-
-def resident_id(birth: str, seq: int, area: str = "110105") -> str:
-    """A valid GB 11643 number (``seq`` odd: male, even: female)."""
-    first17 = f"{area}{birth.replace('-', '')}{seq:03d}"
-    return first17 + gb11643_check_digit(first17)
-
-
-def person(family: str, given: str, birth: str, seq: int, *, phone: str | None = None, **extra):
-    body = {
-        "resourceType": "Patient",
-        "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id(birth, seq)}],
-        "name": [{"use": "official", "family": family, "given": [given]}],
-        "gender": "male" if seq % 2 else "female",
-        "birthDate": birth,
-    }
-    if phone:
-        body["telecom"] = [{"system": "phone", "value": phone}]
-    body.update(extra)
-    return body
 
 
 @dataclass

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from hie.access.principal import STEWARD, Principal
 from hie.access.scopes import ACTIONS, Grant
-from hie.mpi import RESIDENT_ID_SYSTEM, gb11643_check_digit
+from hie.mpi import RESIDENT_ID_SYSTEM
 from hie.mpi.records import (
     DIFFERENT,
     ENTERPRISE_ID_SYSTEM,
@@ -21,25 +21,7 @@ from hie.mpi.records import (
     refer_members,
 )
 from tests.conftest import FHIR
-
-
-def resident_id(birth: str, seq: int) -> str:
-    first17 = f"110105{birth.replace('-', '')}{seq:03d}"
-    return first17 + gb11643_check_digit(first17)
-
-
-def person(family: str, given: str, birth: str, seq: int, phone: str | None = None) -> dict:
-    body = {
-        "resourceType": "Patient",
-        "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id(birth, seq)}],
-        "name": [{"use": "official", "family": family, "given": [given]}],
-        "gender": "male" if seq % 2 else "female",
-        "birthDate": birth,
-    }
-    if phone:
-        body["telecom"] = [{"system": "phone", "value": phone}]
-    return body
-
+from tests.mpi.people import person, resident_id
 
 GRANTS = (Grant("system", "*", frozenset(ACTIONS)),)
 ZHANG = person("张", "三", "1980-05-06", 11, "13912345678")
