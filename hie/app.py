@@ -12,6 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from hie.access.clients import ClientRegistry
+from hie.access.consent_decision import router as consent_router
+from hie.access.consents import ConsentBook
 from hie.access.keys import KeyRing
 from hie.access.patients import PatientLinks
 from hie.access.routes import register as register_auth_routes
@@ -63,6 +65,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     if settings.mpi:
         service.mpi = mpi  # every Patient write passes through the master patient index
     service.engine.persons = mpi.person  # :mdm and $everything widen to the person
+    links = PatientLinks(service.registry, settings.base_url)
+    consents = ConsentBook(
+        store,
+        service.registry,
+        links,
+        mpi.person,
+        default=settings.consent_default,
+        enabled=settings.consent,
+        base=settings.base_url,
+    )
+    service.consents = consents
     keys = KeyRing(settings.keys_path)
     audit = None
     if settings.audit:
@@ -85,6 +98,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             )
         if audit is None:
             log.warning("AUDITING IS OFF (HIE_AUDIT=off): accesses leave no record.")
+        if not settings.consent:
+            log.warning("CONSENT IS OFF (HIE_CONSENT=off): patients' consents are not enforced.")
         if not settings.mpi:
             log.warning("THE MASTER PATIENT INDEX IS OFF (HIE_MPI=off): Patients are not linked.")
         await store.open()
@@ -108,7 +123,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.mpi = mpi
     app.state.keys = keys
     app.state.audit = audit
-    app.state.patient_links = PatientLinks(service.registry, settings.base_url)
+    app.state.patient_links = links
+    app.state.consents = consents
     app.state.clients = ClientRegistry(store)
     app.state.tokens = TokenAuthority(
         keys, app.state.clients, ExternalIssuer.from_settings(settings)
@@ -122,6 +138,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.router.routes.extend(audit_router.routes)
     app.router.routes.extend(mpi_router.routes)
     app.router.routes.extend(everything_router.routes)
+    app.router.routes.extend(consent_router.routes)
     app.router.routes.extend(router.routes)
 
     @app.get("/healthz", include_in_schema=False)

@@ -54,8 +54,18 @@ class Settings:
     #: resident ID number: ``{system: "opaque" | "gb11643"}`` (``HIE_MPI_ID_SYSTEMS``,
     #: ``system=kind`` comma-separated).
     mpi_id_systems: dict[str, str] = field(default_factory=dict)
+    #: Enforce patients' Consents (off only for benchmarks and local experiments).
+    consent: bool = True
+    #: The alliance default where no Consent applies: ``opt-out`` (share for
+    #: treatment unless the patient refused) or ``opt-in`` (share only what a Consent
+    #: permits).
+    consent_default: str = "opt-out"
 
     def __post_init__(self) -> None:
+        if self.consent_default not in ("opt-out", "opt-in"):
+            raise ValueError(
+                f"HIE_CONSENT_DEFAULT must be opt-out or opt-in, not {self.consent_default!r}"
+            )
         for system, kind in self.mpi_id_systems.items():
             if kind not in ID_CHECKS or not system:
                 raise ValueError(
@@ -110,6 +120,10 @@ class Settings:
             values["audit_seal_records"] = int(env["HIE_AUDIT_SEAL_RECORDS"])
         if "HIE_AUDIT_SEAL_SECONDS" in env:
             values["audit_seal_seconds"] = float(env["HIE_AUDIT_SEAL_SECONDS"])
+        if "HIE_CONSENT" in env:
+            values["consent"] = _bool(env["HIE_CONSENT"])
+        if "HIE_CONSENT_DEFAULT" in env:
+            values["consent_default"] = env["HIE_CONSENT_DEFAULT"].strip().lower()
         if "HIE_MPI" in env:
             values["mpi"] = _bool(env["HIE_MPI"])
         if "HIE_MPI_LINK_THRESHOLD" in env:

@@ -232,7 +232,11 @@ def test_the_operation_is_audited(api, data):
     found = api.get("/fhir/AuditEvent", params=params, headers=api.as_["auditor"]).json()
     assert found["total"] == 1
     event = found["entry"][0]["resource"]
-    shown = {e["what"]["reference"].split("/_history")[0] for e in event["entity"] if "what" in e}
+    shown = {
+        e["what"]["reference"].split("/_history")[0]
+        for e in event["entity"]
+        if "reference" in e.get("what", {})
+    }
     assert f"Observation/{data['ob1']}" in shown and f"Patient/{data['B']}" in shown
 
 

@@ -5,7 +5,8 @@ Every example of a served type is written (``PUT`` with its own id, every tenth 
 ``meta.lastUpdated`` and ``meta.source`` (the writing client), which the server sets,
 and a Patient's link to its golden record, which the master patient index sets; the rest
 of ``meta`` (profile, tag, security...) and the Patient's own links must survive. The
-14 examples that break R4's own rules are listed in :data:`KNOWN_INVALID` with the
+14 examples that break R4's own rules, and 3 Consents this server refuses because it
+could not enforce them as written, are listed in :data:`KNOWN_INVALID` with the
 rejection they must get; any other rejection fails.
 Examples of unserved types must get 404 with an OperationOutcome, and AuditEvent
 examples 405: the audit log is written by the server only.
@@ -84,6 +85,13 @@ KNOWN_INVALID: dict[str, Rejection] = {
     "SearchParameter-questionnaireresponse-extensions-QuestionnaireResponse-item-subject.json": (
         Rejection(400, "SearchParameter.id", method="POST")
     ),
+    # Consents the consent engine refuses rather than store as rules it cannot apply
+    # (README "Consent"): a Patient as actor (patients never call this server)...
+    "Consent-consent-example-grantor.json": Rejection(422, "Consent.provision.actor[1].reference"),
+    # ...nested provisions without a type (R4: "required in all nested rules")...
+    "Consent-consent-example-pkb.json": Rejection(422, "Consent.provision.provision[0].type"),
+    # ...and provision.code, which is not supported.
+    "Consent-consent-example-signature.json": Rejection(422, "Consent.provision.provision[0].code"),
 }
 
 

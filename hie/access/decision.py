@@ -1,22 +1,33 @@
 """The one access decision point: every interaction asks here before it touches
-patient data, and every result passes through here before it is returned. Later
-policies (consent) are added here, never beside it.
+patient data, and every result passes through here before it is returned.
 
 The inputs of a decision are the caller (:class:`Principal`: client, member
-organisation, roles, scopes, purpose of use), the action (SMART ``c r u d s``), the
-resource type and, for results and changes, the resources themselves.
+organisation, roles, scopes, purpose of use, and its request's patients' consent
+decisions, :class:`~hie.access.consents.ConsentView`), the action (SMART
+``c r u d s``), the resource type and, for results and changes, the resources
+themselves. Scopes decide per type; consent per resource: :func:`require_visible`
+for a read, :func:`disclose` for any list of results, and for searches
+:func:`consent_filter`, store query terms that leave withheld resources out in the
+store (so that totals and pages count only what the caller may see), with
+:func:`released` for what such a search returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import orjson
 
 from hie.access.principal import ADMIN, AUDITOR, Principal
-from hie.access.purpose import BREAK_GLASS
+from hie.access.purpose import BREAK_GLASS, BREAK_GLASS_LABEL
 from hie.fhir.errors import error
 from hie.store import Version
+from hie.store.query import AnyOf, Chain, Has, Not, Query, Term
+
+if TYPE_CHECKING:
+    from hie.access.consents import ConsentView
 
 _VERBS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 #: Types only auditors may read; nobody may change them through the API.
@@ -72,10 +83,12 @@ def require_change(principal: Principal, current: Version) -> None:
 
 def writer_of(version: Version) -> str | None:
     """The member organisation (``Organization/<id>``) a stored version's tag names."""
-    if version.body is None:
-        return None
-    meta = orjson.loads(version.body).get("meta") or {}
-    for tag in meta.get("tag", ()):
+    return None if version.body is None else writer_in(orjson.loads(version.body))
+
+
+def writer_in(resource: dict) -> str | None:
+    """The member organisation (``Organization/<id>``) a resource's tag names."""
+    for tag in (resource.get("meta") or {}).get("tag", ()):
         if _is_member_tag(tag) and isinstance(tag.get("code"), str):
             return f"Organization/{tag['code']}"
     return None
@@ -114,14 +127,91 @@ def require_purpose(principal: Principal) -> None:
 
 
 def disclose(principal: Principal, action: str, versions: Sequence[Version]) -> list[Version]:
-    """The versions among results that ``principal`` may see (the others are left
-    out, as for an ``_include`` of a type its scopes do not cover)."""
+    """The versions among results that ``principal`` may see: of types its scopes
+    cover (others are left out, as for an ``_include``) and that the patients'
+    consent releases to it (labelled when only break-glass does)."""
     allowed: dict[str, bool] = {}
+    view = principal.consent
     out = []
     for v in versions:
         ok = allowed.get(v.type)
         if ok is None:
             ok = allowed[v.type] = permits(principal, action, v.type)
-        if ok:
+        if ok and view is not None:
+            v = view.admit(v)
+        if ok and v is not None:
             out.append(v)
     return out
+
+
+def require_visible(principal: Principal, version: Version) -> Version:
+    """``version`` if the patients' consent lets ``principal`` see it (labelled when
+    only break-glass does); 403 otherwise."""
+    view = principal.consent
+    if view is None:
+        return version
+    shown = view.admit(version)
+    if shown is None:
+        raise error(
+            403,
+            "forbidden",
+            f"{version.type}/{version.id} is withheld under the patient's consent "
+            "(see Patient/[id]/$consent-decision)",
+        )
+    return shown
+
+
+def consent_filter(principal: Principal, type_: str, query: Query) -> Query:
+    """``query`` over ``type_`` narrowed to what the patients' consent lets
+    ``principal`` see: the resources it finds, and those its chains and ``_has``
+    conditions look through (a withheld resource must not make a search match)."""
+    view = principal.consent
+    return query if view is None else _narrowed(view, type_, query)
+
+
+def _narrowed(view: ConsentView, type_: str, query: Query) -> Query:
+    view.note_query(type_, query)
+    out = tuple(_guarded(view, t) for t in query)
+    term = view.term(type_)
+    return out if term is None else (*out, term)
+
+
+def _guarded(view: ConsentView, term: Term) -> Term:
+    if isinstance(term, Chain):
+        return replace(term, query=_narrowed(view, term.target, term.query))
+    if isinstance(term, Has):
+        return replace(term, query=_narrowed(view, term.type, term.query))
+    if isinstance(term, AnyOf):
+        return AnyOf(tuple(_guarded(view, t) for t in term.terms))
+    if isinstance(term, Not):
+        return Not(_guarded(view, term.term))
+    return term
+
+
+def released(principal: Principal, versions: list[Version], state: dict | None = None) -> list:
+    """What a search filtered by :func:`consent_filter` returns to ``principal``:
+    ``versions`` as they are, labelled under break-glass, and checked one by one when
+    they come from a paging snapshot made under other consent decisions (``state``:
+    the snapshot's, see :func:`consent_state`)."""
+    view = principal.consent
+    if view is None:
+        return versions
+    if view.break_glass or (state is not None and state.get("consent") != consent_state(principal)):
+        return [v for v in map(view.admit, versions) if v is not None]
+    return versions
+
+
+def consent_state(principal: Principal) -> list | None:
+    """What a paging snapshot remembers of the consent decisions it was made under."""
+    view = principal.consent
+    if view is None:
+        return None
+    acc = view.accessor
+    return [acc.organization, acc.purpose, acc.user, acc.user_role, view.ledger.seq]
+
+
+def overridden(principal: Principal) -> list[dict]:
+    """``meta.security`` for a Bundle of this request: the break-glass label when
+    break-glass released something the patients' consent withholds."""
+    view = principal.consent
+    return [BREAK_GLASS_LABEL] if view is not None and view.overridden else []

@@ -19,14 +19,17 @@ class PatientLinks:
             for t, params in registry.compartment("Patient").items()
         }
 
+    def params(self, type_: str) -> tuple[str, ...]:
+        """The parameters of ``type_`` that reference the patients it concerns."""
+        known = self._registry.params(type_)
+        return tuple(p for p in self._params.get(type_, ()) if p in known)
+
     def of(self, type_: str, resource: dict) -> list[str]:
         """The ``Patient/<id>`` references ``resource`` (of ``type_``) concerns."""
         if type_ == "Patient":
             return [f"Patient/{resource['id']}"] if isinstance(resource.get("id"), str) else []
         found: dict[str, None] = {}
-        for code in self._params.get(type_, ()):
-            if code not in self._registry.params(type_):
-                continue
+        for code in self.params(type_):
             for node in self._registry.extractor(type_, code)(resource):
                 value = node.value
                 ref = value.get("reference") if isinstance(value, dict) else None

@@ -4,8 +4,12 @@ its token grants, and why it is asking (purpose of use)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from hie.access.scopes import ACTIONS, Grant
+
+if TYPE_CHECKING:
+    from hie.access.consents import ConsentView
 
 #: Roles a registered client can hold.
 MEMBER = "member"
@@ -45,6 +49,9 @@ class Principal:
     token_id: str | None = None
     #: URI naming the client's system (its registration's ``source``), for meta.source.
     source: str | None = None
+    #: The patients' consent decisions for this request (None: not subject to consent,
+    #: e.g. an administrator, or consent is off). Set per request, never cached.
+    consent: ConsentView | None = None
 
     def allows(self, action: str, type_: str) -> bool:
         """True if some grant permits ``action`` (one of ``cruds``) on ``type_``."""
@@ -62,7 +69,11 @@ class Principal:
 
     def for_purpose(self, purpose: str) -> Principal:
         """The same caller asking for another purpose of use."""
-        return replace(self, purpose=purpose)
+        return replace(self, purpose=purpose, consent=None)
+
+    def with_consent(self, view: ConsentView | None) -> Principal:
+        """The same caller with its request's consent decisions."""
+        return replace(self, consent=view)
 
 
 #: The caller when authentication is turned off for local development: every scope,

@@ -43,3 +43,7 @@ def parse_purpose(value: str) -> str:
         known = ", ".join(sorted(PURPOSES))
         raise error(400, "value", f"Unknown purpose of use {code!r}; one of {known}")
     return code
+
+
+#: The label (``meta.security``) of what only break-glass released, in a response.
+BREAK_GLASS_LABEL = {"system": SYSTEM, "code": "BTG", "display": "break the glass"}

@@ -5,8 +5,10 @@ interaction, an operation, a token request), ``action`` and ``outcome`` how it w
 ``agent`` who asked (the client as *Source Role ID*, its member organisation, the end
 user when the token names one, this server as *Destination Role ID*), ``source`` is
 this server, ``entity`` what was touched (each resource version, the patients, and
-the query of a search), ``purposeOfEvent`` why. A break-glass purpose also puts its
-code in ``meta.security``, so auditors find those events with ``_security``.
+the query of a search, and the Consents or default policy that decided what the
+caller saw), ``purposeOfEvent`` why. A break-glass purpose also puts its code in
+``meta.security``, and a break-glass override of a patient's refusal the code ``BTG``,
+so auditors list those events with ``_security``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hie.access.principal import Principal
-from hie.access.purpose import BREAK_GLASS
+from hie.access.purpose import BREAK_GLASS, BREAK_GLASS_LABEL
 from hie.access.purpose import SYSTEM as PURPOSE_SYSTEM
 from hie.fhir.search.dates import now, to_fhir_instant
 
@@ -43,6 +45,14 @@ _QUERY = (
     {"system": _ENTITY_TYPE, "code": "2"},
     {"system": _ENTITY_ROLE, "code": "24"},
 )
+#: A Consent (or the default policy) that decided what the caller saw.
+_POLICY = (
+    {"system": _ENTITY_TYPE, "code": "2"},
+    {"system": _ENTITY_ROLE, "code": "13", "display": "Security Resource"},
+)
+#: Consent entities named one by one in a record; more are summed up.
+MAX_POLICY_ENTITIES = 20
+
 _SOURCE_ROLE = {"system": DCM, "code": "110153"}
 _DESTINATION_ROLE = {"system": DCM, "code": "110152"}
 _ORGANIZATION_ROLE = {
@@ -129,10 +139,16 @@ def audit_event(
     }
     if detail:
         event["outcomeDesc"] = detail[:2000]
+    reasons = principal.consent.drain() if principal and principal.consent else {}
     if principal is not None:
         event["purposeOfEvent"] = [_purpose(principal.purpose)]
+        security = []
         if principal.purpose in BREAK_GLASS:
-            event["meta"] = {"security": [_purpose(principal.purpose)["coding"][0]]}
+            security.append(_purpose(principal.purpose)["coding"][0])
+        if any(r.startswith("break-glass") for r in reasons) and principal.purpose != "BTG":
+            security.append(BREAK_GLASS_LABEL)
+        if security:
+            event["meta"] = {"security": security}
     event["agent"] = _agents(where, principal)
     event["source"] = {
         "site": where.base,
@@ -150,9 +166,29 @@ def audit_event(
                 "query": base64.b64encode(query.encode()).decode(),
             }
         )
+    entities += _policies(reasons)
     if entities:
         event["entity"] = entities
     return event
+
+
+def _policies(reasons: dict[str, str]) -> list[dict]:
+    """Entities naming what decided, per reason: the Consent, or the policy by name."""
+    out = []
+    for reason, by in list(reasons.items())[:MAX_POLICY_ENTITIES]:
+        what = {"reference": by} if by.startswith("Consent/") else {"display": by}
+        out.append({"what": what, "type": _POLICY[0], "role": _POLICY[1], "description": reason})
+    if len(reasons) > MAX_POLICY_ENTITIES:
+        more = len(reasons) - MAX_POLICY_ENTITIES
+        out.append(
+            {
+                "what": {"display": "further Consents"},
+                "type": _POLICY[0],
+                "role": _POLICY[1],
+                "description": f"{more} further Consent decisions not listed",
+            }
+        )
+    return out
 
 
 def _purpose(code: str) -> dict:

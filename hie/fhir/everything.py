@@ -8,8 +8,9 @@ widens the Patient to the golden record and all member records (as HAPI FHIR's
 as ``include`` entries, the resources outside the compartment that the page's
 resources refer to (Practitioner, Organization, Location, Medication...).
 
-Parameters: ``start``/``end`` keep resources whose care date (:data:`CARE_DATES`)
-overlaps the range; resources without one (a Patient, a Coverage) are always kept.
+Parameters: ``start``/``end`` keep resources whose care date
+(:data:`~hie.fhir.search.registry.CARE_DATES`) overlaps the range; resources without
+one (a Patient, a Coverage) are always kept.
 ``_since`` keeps resources updated at or after the instant. ``_type`` (repeatable,
 comma-separated) limits the types returned, referenced ones included. ``_count`` is
 the page size: without it a page is as large as the server allows (``max_count``), as
@@ -34,21 +35,29 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from hie.access.decision import AUDIT_TYPES, disclose, permits, require
+from hie.access.decision import (
+    AUDIT_TYPES,
+    consent_filter,
+    consent_state,
+    disclose,
+    overridden,
+    permits,
+    released,
+    require,
+)
 from hie.access.principal import Principal
 from hie.audit.events import operation_coding
 from hie.audit.trail import Trail
 from hie.fhir.errors import Issue, error, outcome
-from hie.fhir.http import check_content_type, fhir_response, read_body
+from hie.fhir.http import fhir_response, parameter_items
 from hie.fhir.routes import base_url, operation
 from hie.fhir.search.dates import date_range, now, to_fhir_instant
 from hie.fhir.search.engine import Found, SearchEngine
 from hie.fhir.search.mdm import SamePerson
 from hie.fhir.search.params import Include, SearchRequest, non_negative
-from hie.fhir.search.registry import Registry
+from hie.fhir.search.registry import Registry, care_date
 from hie.fhir.service import FhirService
 from hie.fhir.types import served_types
-from hie.fhir.validation import parse_json
 from hie.store import Version
 from hie.store.query import AnyOf, Cond, IdIn, Match, Not, Query
 
@@ -67,39 +76,6 @@ VALUE_KEYS = {
     "_type": ("valueCode", "valueString"),
     "_count": ("valueInteger", "valuePositiveInt", "valueUnsignedInt"),
     "_mdm": ("valueBoolean",),
-}
-#: The care date of each compartment type (``start``/``end`` compare with it) where it
-#: is not the type's ``date`` parameter; None: the type has no care date.
-CARE_DATES: dict[str, str | None] = {
-    "Account": "period",
-    "Basic": "created",
-    "ChargeItem": "occurrence",
-    "Claim": "created",
-    "ClaimResponse": "created",
-    "Communication": "sent",
-    "CommunicationRequest": "occurrence",
-    "Condition": "onset-date",
-    "CoverageEligibilityRequest": "created",
-    "CoverageEligibilityResponse": "created",
-    "DetectedIssue": "identified",
-    "DeviceRequest": "event-date",
-    "DocumentManifest": "created",
-    "DocumentReference": "period",
-    "ExplanationOfBenefit": "created",
-    "Goal": "start-date",
-    "ImagingStudy": "started",
-    "Media": "created",
-    "MedicationAdministration": "effective-time",
-    "MedicationDispense": "whenhandedover",
-    "MedicationRequest": "authoredon",
-    "MedicationStatement": "effective",
-    "NutritionOrder": "datetime",
-    "Provenance": "recorded",
-    "QuestionnaireResponse": "authored",
-    "RequestGroup": "authored",
-    "ServiceRequest": "occurrence",
-    "Specimen": "collected",
-    "VisionPrescription": "datewritten",
 }
 #: Every reference of the page's resources (filtered to the referenced types).
 _REFERENCED = (Include("*", "*", None, iterate=False, reverse=False),)
@@ -127,7 +103,7 @@ async def everything(request: Request, patient_id: str) -> Response:
         service: FhirService = request.app.state.service
         items = list(request.query_params.multi_items())
         if request.method == "POST":
-            items += await _body_params(request)
+            items += await parameter_items(request, VALUE_KEYS, "$everything")
         base = base_url(request)
         if any(k == "_getpages" for k, _ in items):
             bundle, shown = await _later_page(service, principal, patient_id, items, base)
@@ -164,10 +140,11 @@ async def _first_page(
         "start": ask.start,
         "end": ask.end,
         "since": ask.since,
+        "consent": consent_state(principal),
     }
     count = ask.count if ask.count is not None else service.settings.max_count
     req = SearchRequest((), count, types=state["types"])
-    found = await service.engine.search(queries(registry, state), req, state)
+    found = await service.engine.search(_filtered(principal, registry, state), req, state)
     bundle, shown = await _bundle(service.engine, principal, found, state, base)
     self_query = [*ask.used, ("_count", str(count))]
     bundle["link"].insert(0, {"relation": "self", "url": _url(base, patient_id, self_query)})
@@ -207,7 +184,7 @@ async def _later_page(
         key,
         offset,
         count,
-        lambda state: queries(service.registry, state),
+        lambda state: _filtered(principal, service.registry, state),
         authorize,
         kind=KIND,
         accept=accept,
@@ -278,11 +255,12 @@ def queries(registry: Registry, state: dict) -> dict[str, Query]:
     return out
 
 
-def care_date(registry: Registry, type_: str) -> str | None:
-    """The date parameter ``start``/``end`` compare with for ``type_``, if any."""
-    code = CARE_DATES.get(type_, "date")
-    param = registry.params(type_).get(code) if code else None
-    return code if param is not None and param.type == "date" else None
+def _filtered(principal: Principal, registry: Registry, state: dict) -> dict[str, Query]:
+    """:func:`queries` with what the patients' consent withholds from the caller left
+    out in the store."""
+    if principal.consent is not None:
+        principal.consent.note_patients([f"Patient/{state['patient']}"])
+    return {t: consent_filter(principal, t, q) for t, q in queries(registry, state).items()}
 
 
 def _member(param: str | None, patient: str, mdm: bool):
@@ -304,7 +282,7 @@ async def _bundle(
 ) -> tuple[dict, list[Version]]:
     """The searchset Bundle of a page (no ``self`` link yet) and what it shows."""
     referenced = set(state["referenced"])
-    matches = disclose(principal, "r", found.matches)
+    matches = released(principal, found.matches, state)
     included = await engine.includes(
         matches, _REFERENCED, lambda t: t in referenced and permits(principal, "r", t)
     )
@@ -315,6 +293,8 @@ async def _bundle(
         "meta": {"lastUpdated": to_fhir_instant(now())},
         "type": "searchset",
     }
+    if security := overridden(principal):
+        bundle["meta"]["security"] = security
     if found.total is not None:
         bundle["total"] = found.total
     links = []
@@ -385,33 +365,3 @@ def _single(items, key: str) -> str | None:
 def _int(items, key: str, default: int) -> int:
     value = _single(items, key)
     return default if value is None else non_negative(key, value)
-
-
-async def _body_params(request: Request) -> list[tuple[str, str]]:
-    """The parameters of a POSTed Parameters resource, as URL items."""
-    check_content_type(request)
-    body = parse_json(await read_body(request, request.app.state.settings.max_body_bytes))
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise error(400, "invalid", "POST $everything takes a Parameters resource")
-    items: list[tuple[str, str]] = []
-    for part in body.get("parameter") or ():
-        name = part.get("name") if isinstance(part, dict) else None
-        if name not in VALUE_KEYS:
-            raise error(400, "not-supported", f"Unknown parameter {name!r} for $everything")
-        values = [(k, part[k]) for k in VALUE_KEYS[name] if k in part]
-        if len(values) != 1 or len(part) != 2:
-            allowed = " or ".join(VALUE_KEYS[name])
-            raise error(400, "invalid", f"Parameter {name} needs one value: {allowed}")
-        kind, value = values[0]
-        if kind == "valueBoolean":
-            if not isinstance(value, bool):
-                raise error(400, "invalid", f"Parameter {name}: {kind} must be a boolean")
-            value = "true" if value else "false"
-        elif kind.startswith("value") and kind[5:] in ("Integer", "PositiveInt", "UnsignedInt"):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise error(400, "invalid", f"Parameter {name}: {kind} must be an integer")
-            value = str(value)
-        elif not isinstance(value, str):
-            raise error(400, "invalid", f"Parameter {name}: {kind} must be a string")
-        items.append((name, value))
-    return items

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import to_http_date
-from hie.fhir.validation import small_int
+from hie.fhir.validation import parse_json, small_int
 from hie.store import Version
 
 _INSTANT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -189,3 +189,42 @@ def fhir_response(
             body = jsonio.dumps(jsonio.loads(body, trusted=True), pretty=True)
     media = f"{fmt.media_type}; charset=utf-8"
     return Response(body, status, headers=headers, media_type=media if body else None)
+
+
+async def parameter_items(
+    request: Request, value_keys: dict[str, tuple[str, ...]], op: str
+) -> list[tuple[str, str]]:
+    """The parameters of an operation's POSTed Parameters resource, as URL items:
+    ``value_keys`` names each parameter the operation takes and its allowed value[x]
+    (400 for any other, for a missing or repeated value, or a value of a wrong type); a
+    ``valueReference`` gives its ``reference``."""
+    check_content_type(request)
+    body = parse_json(await read_body(request, request.app.state.settings.max_body_bytes))
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise error(400, "invalid", f"POST {op} takes a Parameters resource")
+    items: list[tuple[str, str]] = []
+    for part in body.get("parameter") or ():
+        name = part.get("name") if isinstance(part, dict) else None
+        if name not in value_keys:
+            raise error(400, "not-supported", f"Unknown parameter {name!r} for {op}")
+        values = [(k, part[k]) for k in value_keys[name] if k in part]
+        if len(values) != 1 or len(part) != 2:
+            allowed = " or ".join(value_keys[name])
+            raise error(400, "invalid", f"Parameter {name} needs one value: {allowed}")
+        kind, value = values[0]
+        if kind == "valueBoolean":
+            if not isinstance(value, bool):
+                raise error(400, "invalid", f"Parameter {name}: {kind} must be a boolean")
+            value = "true" if value else "false"
+        elif kind.startswith("value") and kind[5:] in ("Integer", "PositiveInt", "UnsignedInt"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise error(400, "invalid", f"Parameter {name}: {kind} must be an integer")
+            value = str(value)
+        elif kind == "valueReference":
+            value = value.get("reference") if isinstance(value, dict) else None
+            if not isinstance(value, str):
+                raise error(400, "invalid", f"Parameter {name}: {kind} needs a reference")
+        elif not isinstance(value, str):
+            raise error(400, "invalid", f"Parameter {name}: {kind} must be a string")
+        items.append((name, value))
+    return items

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import orjson
 
 from hie import jsonio
+from hie.access.decision import overridden
 from hie.access.principal import Principal
 from hie.audit.trail import Trail
 from hie.fhir.errors import error, information
@@ -293,6 +294,8 @@ async def _search(
     if includes and found.matches:
         found.included = await service.include(principal, found.matches, includes)
     bundle = _shell("searchset", found.total)
+    if security := overridden(principal):
+        bundle["meta"]["security"] = security
     links = [{"relation": "self", "url": self_url}]
     if found.snapshot and found.count:
 
@@ -381,6 +384,8 @@ async def _history(
     path = "/".join(p for p in (base, call.type, call.id) if p) + "/_history"
     used = [(k, v) for k, v in call.params if k in ("_since", "_at", "_summary", "_elements")]
     bundle = _bundle("history", page, path, used, count, offset)
+    if principal.consent is not None:  # the store's count includes withheld versions
+        bundle.pop("total", None)
     bundle["entry"] = [_history_entry(v, base, summary, elements) for v in page.items]
     return bundle, page.items
 

@@ -68,11 +68,11 @@ def base_url(request: Request) -> str:
     return found
 
 
-def authenticate(request: Request, trail: Trail) -> Principal:
+async def authenticate(request: Request, trail: Trail) -> Principal:
     """The caller (recorded in ``trail`` as soon as it is known): from the bearer
     token, or the local developer when auth is off, asking for the purpose of use the
     ``X-Purpose-Of-Use`` header names (400 if unknown, 403 for a break-glass purpose
-    the client may not assert)."""
+    the client may not assert), with the patients' consent decisions for it."""
     if not request.app.state.settings.auth:
         principal = LOCAL_DEVELOPER
     else:
@@ -82,6 +82,8 @@ def authenticate(request: Request, trail: Trail) -> Principal:
     if header is not None:
         principal = trail.principal = principal.for_purpose(purpose.parse_purpose(header))
     require_purpose(principal)
+    view = await request.app.state.consents.view(principal)
+    principal = trail.principal = principal.with_consent(view)
     return principal
 
 
@@ -136,7 +138,7 @@ async def _run(request: Request, call: Call, read: bool = False, load: Loader | 
     trail = open_trail(request)
     try:
         fmt = negotiate(request)
-        principal = authenticate(request, trail)
+        principal = await authenticate(request, trail)
         if call.method in ("PUT", "PATCH", "DELETE"):
             call.if_match = _if_match(request)
         if load is not None:
@@ -162,7 +164,7 @@ async def operation(
     trail = open_trail(request)
     try:
         fmt = negotiate(request)
-        principal = authenticate(request, trail)
+        principal = await authenticate(request, trail)
         return fmt, await run(principal, trail)
     except FhirError as exc:
         await trail.failed("operation", exc, subtype_coding=coding, kind=kind)
@@ -199,7 +201,7 @@ async def batch_or_transaction(request: Request) -> Response:
     kind = "batch"
     try:
         fmt = negotiate(request)
-        principal = authenticate(request, trail)
+        principal = await authenticate(request, trail)
         bundle = await _json_body(request)
         if isinstance(bundle, dict) and bundle.get("type") == "transaction":
             kind = "transaction"

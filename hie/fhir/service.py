@@ -20,13 +20,18 @@ import jsonpatch
 import jsonpointer
 
 from hie import jsonio
+from hie.access.consents import ConsentBook
 from hie.access.decision import (
     AUDIT_TYPES,
+    consent_filter,
+    consent_state,
     disclose,
     permits,
+    released,
     require,
     require_change,
     require_role,
+    require_visible,
     stamp,
 )
 from hie.access.principal import ADMIN, Principal
@@ -176,6 +181,8 @@ class FhirService:
         )
         #: The master patient index every Patient write passes through (None: off).
         self.mpi: PatientIndex | None = None
+        #: The Consents in force, which also check every Consent written (None: off).
+        self.consents: ConsentBook | None = None
 
     # ---------------------------------------------------------------- reads
     async def read(self, principal: Principal, type_: str, id_: str) -> Version:
@@ -188,7 +195,7 @@ class FhirService:
             raise error(404, "not-found", f"{type_}/{id_} is not known")
         if current.deleted:
             raise _gone(current)
-        return current
+        return require_visible(principal, current)
 
     async def vread(self, principal: Principal, type_: str, id_: str, vid: str) -> Version:
         """A specific version; 404 if unknown, 410 if that version is a deletion."""
@@ -203,7 +210,7 @@ class FhirService:
             raise error(404, "not-found", f"{type_}/{id_} has no version {vid}")
         if found.deleted:
             raise _gone(found)
-        return found
+        return require_visible(principal, found)
 
     def parse(
         self,
@@ -287,14 +294,19 @@ class FhirService:
             "types": types,
             "compartment": compartment,
             "base": base,
+            "consent": consent_state(principal),
         }
-        found = await self.engine.search(self._queries(req, compartment), req, state)
+        found = await self.engine.search(self._queries(principal, req, compartment), req, state)
+        found.matches = released(principal, found.matches)
         if req.total == "none":
             found.total = None
         return found
 
-    def _queries(self, req: SearchRequest, compartment: tuple[str, str] | None) -> dict[str, Query]:
-        """One store query per type searched (compartment membership added)."""
+    def _queries(
+        self, principal: Principal, req: SearchRequest, compartment: tuple[str, str] | None
+    ) -> dict[str, Query]:
+        """One store query per type searched (compartment membership added, and what
+        the patients' consent withholds from the caller left out)."""
         queries: dict[str, Query] = {}
         for t in req.types:
             query = req.query
@@ -310,10 +322,10 @@ class FhirService:
                 if not links:
                     continue
                 query = (AnyOf(links) if len(links) > 1 else links[0],) + query
-            queries[t] = query
+            queries[t] = consent_filter(principal, t, query)
         return queries
 
-    def _rebuild(self, state: dict) -> dict[str, Query]:
+    def _rebuild(self, principal: Principal, state: dict) -> dict[str, Query]:
         """The queries of a search from the state its snapshot keeps."""
         compartment = tuple(state["compartment"]) if state["compartment"] else None
         req = parse_search(
@@ -326,7 +338,7 @@ class FhirService:
             types=state["types"],
             base=state["base"],
         )
-        return self._queries(req, compartment)
+        return self._queries(principal, req, compartment)
 
     async def search_page(
         self,
@@ -342,7 +354,10 @@ class FhirService:
             for t in types:
                 require(principal, "s", t)
 
-        found = await self.engine.page(key, offset, count, self._rebuild, authorize)
+        found = await self.engine.page(
+            key, offset, count, lambda state: self._rebuild(principal, state), authorize
+        )
+        found.matches = released(principal, found.matches, found.state)
         carried = [(k, v) for k, v in items if k.startswith(("_include", "_revinclude"))]
         req = parse_search(
             None,
@@ -362,7 +377,8 @@ class FhirService:
     ) -> list[Version]:
         """``_include``/``_revinclude`` results; types the caller may not read are
         left out, as SMART scopes require."""
-        return await self.engine.includes(matches, includes, lambda t: permits(principal, "r", t))
+        found = await self.engine.includes(matches, includes, lambda t: permits(principal, "r", t))
+        return disclose(principal, "r", found)
 
     async def reindex(self, principal: Principal, type_: str | None) -> tuple[int, list[str]]:
         """Load custom SearchParameters and rebuild the index of ``type_`` (or of every
@@ -436,7 +452,7 @@ class FhirService:
         req = self.parse(type_, items, strict=True)
         if not req.query:
             raise error(400, "invalid", f"The condition on {type_} has no search criteria")
-        query = await self.engine.expand(req.query)
+        query = consent_filter(principal, type_, await self.engine.expand(req.query))
         query += (Not(IdIn(tuple(exclude))),) if exclude else ()
         if members_only and type_ == "Patient":
             query += (Not(GOLDEN),)
@@ -672,6 +688,8 @@ class FhirService:
         through the master patient index, which sets its MPI link and adds its own writes,
         as the result's ``extra`` when the write is planned alone, else into the
         transaction's ``pending`` (the caller commits them)."""
+        if self.consents is not None and write.type == "Consent" and write.body is not None:
+            await self.consents.validate(jsonio.loads(write.body, trusted=True))
         if self.mpi is not None and write.type == "Patient":
             alone = pending is None
             pending = Pending() if alone else pending

@@ -189,8 +189,9 @@ def _operator(c: Cond) -> tuple[str, Any]:
         if number:
             raise ValueError(f"{c.op} needs a text column, not {c.column!r}")
         return "$regex", ("^" if c.op == "prefix" else "") + re.escape(c.value)
-    if c.op == "in":
-        return "$in", [float(v) for v in c.value] if number else list(c.value)
+    if c.op in ("in", "nin"):
+        values = [float(v) for v in c.value] if number else list(c.value)
+        return ("$in", values) if c.op == "in" else ("$nin", [*values, None])
     value = float(c.value) if number else c.value
     if c.op == "ne":  # a present value that differs: missing columns are not stored
         return "$nin", [value, None]
@@ -631,6 +632,12 @@ class MongoStore(Store):
             Event(d["_id"], d["t"], d["i"], d["v"], d["m"])
             for d in await cursor.limit(limit).to_list()
         ]
+
+    async def last_event(self) -> int:
+        """The newest outbox event's ``seq`` (0 when there is none)."""
+        cursor = self._db["outbox"].find({}, {"_id": 1}).sort("_id", DESCENDING)
+        newest = await cursor.limit(1).to_list()
+        return newest[0]["_id"] if newest else 0
 
     async def next_value(self, counter: str) -> int:
         """Atomically increment and return counter ``counter`` (first value 1)."""

@@ -251,5 +251,9 @@ class Store(ABC):
         """Outbox events with a sequence number greater than ``seq``, oldest first."""
 
     @abstractmethod
+    async def last_event(self) -> int:
+        """The sequence number of the newest outbox event (0 when there is none)."""
+
+    @abstractmethod
     async def next_value(self, counter: str) -> int:
         """Atomically increment and return a named counter (first value is 1)."""

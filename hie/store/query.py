@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Column = Literal["system", "text", "low", "high", "nlow", "nhigh"]
-Op = Literal["eq", "ne", "lt", "le", "gt", "ge", "prefix", "contains", "null", "in"]
+Op = Literal["eq", "ne", "lt", "le", "gt", "ge", "prefix", "contains", "null", "in", "nin"]
 COLUMNS: tuple[Column, ...] = ("system", "text", "low", "high", "nlow", "nhigh")
 #: Value columns that hold text (compared as strings) and numbers (compared as floats).
 TEXT_COLUMNS = frozenset({"system", "text", "low", "high"})
@@ -77,7 +77,8 @@ class Cond:
     ``op="null"`` tests that the column is absent (``value`` is ignored);
     ``op="prefix"``/``"contains"`` test substring positions on text columns (exact
     case: the extractor already folded case); ``op="in"`` tests membership in the
-    tuple ``value``; ``"ne"`` is true for a present value that differs.
+    tuple ``value`` and ``"nin"`` a present value outside it; ``"ne"`` is true for a
+    present value that differs.
     """
 
     column: Column
@@ -157,6 +158,7 @@ _COMPARE = {
     "prefix": str.startswith,
     "contains": operator.contains,
     "in": lambda have, values: have in values,
+    "nin": lambda have, values: have not in values,
 }
 
 

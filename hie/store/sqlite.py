@@ -13,7 +13,9 @@ in place when the store opens.
 
 Search plan. Each query term has two SQL forms: a *set* (an uncorrelated ``SELECT`` of
 matching ids, answered from a ``search_index`` index) and a *check* (an ``EXISTS``
-correlated with one resource id, answered through the ``(type, id, param)`` index).
+correlated with one resource id, answered through the ``(type, id, param)`` index). A
+negated term whose set is small is checked as ``id NOT IN (set)``: the set is built
+once per statement instead of probed per resource (the consent filter's shape).
 The term expected to match least (a capped ``count`` probe of its set, see
 :data:`PROBE`) drives: its set is materialised and every other term is checked per
 id, so cost follows the smallest set, not the number of resources. ``prefix`` is an
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import sqlite3
 import threading
 from collections.abc import Collection, Iterable, Sequence
@@ -145,10 +148,14 @@ _CHANGED_IN_1 = ("resources_lu", "search_text", "search_low", "search_high", "se
 #: Probe cap: a term whose set reaches this many rows counts as broad; a query whose
 #: smallest set is broad is walked in result order instead of being sorted whole.
 PROBE = 5000
+#: A negated term whose set has fewer rows is checked with ``NOT IN`` that set.
+FEW = 1000
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 #: Ops an index on (type, param, column) narrows down.
 _SEEK_OPS = frozenset({"eq", "in", "prefix", "lt", "le", "gt", "ge"})
+#: Longer IN lists are passed as one JSON array parameter (SQLite limits parameters).
+_INLINE_VALUES = 100
 _SEEK_COLUMNS = frozenset({"text", "low", "high", "nlow", "nhigh"})
 _PART_SEEK_COLUMNS = frozenset({"text", "low", "nlow"})
 _ASC = "coalesce({0}.low, {0}.nlow, {0}.text)"
@@ -282,6 +289,19 @@ class _Compiler:
         found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {PROBE})", params)
         return found.fetchone()[0], 0
 
+    def _few(self, type_: str, term: Term) -> bool:
+        """True if ``term`` (index lookups: a Match or an AnyOf of them) matches fewer
+        than :data:`FEW` rows, so that ``NOT IN`` its set is cheaper than checking
+        ``term`` resource by resource."""
+        parts = _flat(term)
+        if not all(isinstance(t, Match) and self._seekable(t) for t in parts):
+            return False
+        if any(c.op == "nin" for t in parts for c in t.conds):  # "all but a few": large
+            return False
+        sql, params, _ = self._set(type_, term)
+        found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {FEW})", params)
+        return found.fetchone()[0] < FEW
+
     @staticmethod
     def _seekable(term: Match) -> bool:
         """True if an index narrows the term's rows below all rows of its parameter."""
@@ -372,6 +392,9 @@ class _Compiler:
             checks = [self.check(type_, id_expr, t) for t in term.terms]
             return "(" + " OR ".join(c[0] for c in checks) + ")", [p for c in checks for p in c[1]]
         if isinstance(term, Not):
+            if self._few(type_, term.term):  # one small set beats a probe per resource
+                sql, params, _ = self._set(type_, term.term)
+                return f"{id_expr} NOT IN ({sql})", params
             sql, params = self.check(type_, id_expr, term.term)
             return f"NOT ({sql})", params
         if isinstance(term, Chain):
@@ -457,9 +480,14 @@ class _Compiler:
             if upper is None:
                 return f"{col} >= ?", [value]
             return f"{col} >= ? AND {col} < ?", [value, upper]
-        if op == "in":
+        if op in ("in", "nin"):
             values = [float(v) for v in value] if number else list(value)
-            return (f"{col} IN ({', '.join('?' * len(values))})" if values else "0"), values
+            negate = "NOT " if op == "nin" else ""
+            if not values:
+                return ("0" if op == "in" else f"{col} IS NOT NULL"), []
+            if len(values) > _INLINE_VALUES:  # one parameter however long the list
+                return f"{col} {negate}IN (SELECT value FROM json_each(?))", [json.dumps(values)]
+            return f"{col} {negate}IN ({', '.join('?' * len(values))})", values
         if op not in _SQL_OPS:
             raise ValueError(f"unknown operator {op!r}")
         return f"{col} {_SQL_OPS[op]} ?", [float(value) if number else value]
@@ -946,15 +974,16 @@ class SqliteStore(Store):
         return await self._run_write(run)
 
     async def events_after(self, seq: int, limit: int = 100) -> list[Event]:
-        def run(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT seq, type, id, version, method FROM outbox WHERE seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (seq, limit),
-            ).fetchall()
-            return [Event(*r) for r in rows]
+        # A primary-key range, usually of a few rows: on the event loop, like reads.
+        rows = self._loop_conn.execute(
+            "SELECT seq, type, id, version, method FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [Event(*r) for r in rows]
 
-        return await self._run_read(run)
+    async def last_event(self) -> int:
+        row = self._loop_conn.execute("SELECT max(seq) FROM outbox").fetchone()
+        return row[0] or 0
 
     async def next_value(self, counter: str) -> int:
         def run() -> int:
@@ -979,3 +1008,10 @@ def _read_many(conn: sqlite3.Connection, type_: str, ids: list[str]) -> list[Ver
         )
         found.update((row[1], _version(row)) for row in rows)
     return [found[id_] for id_ in ids if id_ in found]
+
+
+def _flat(term: Term) -> list[Term]:
+    """The alternatives of ``term``, nested AnyOfs opened."""
+    if isinstance(term, AnyOf):
+        return [t for sub in term.terms for t in _flat(sub)]
+    return [term]

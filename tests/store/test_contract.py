@@ -150,6 +150,7 @@ async def test_update_of_unknown_resource_conflicts(store: Store):
     assert (err.value.expected, err.value.actual) == (3, 0)
     assert await store.read("Patient", "ghost") is None
     assert await store.events_after(0) == []
+    assert await store.last_event() == 0
 
 
 async def test_multi_write_commit_applies_all(store: Store):
@@ -168,6 +169,8 @@ async def test_multi_write_commit_applies_all(store: Store):
     assert [(e.type, e.id, e.version, e.method) for e in events] == [
         (w.type, w.id, w.version, w.method) for w in writes
     ]
+    assert await store.last_event() == events[-1].seq
+    assert await store.events_after(events[-1].seq) == []
 
 
 @pytest.mark.parametrize("conflict_at", [0, 1, 3])

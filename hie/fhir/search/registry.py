@@ -397,3 +397,46 @@ def _per_type_descriptions(description: str) -> dict[str, str]:
 def default_registry() -> Registry:
     """The process-wide registry (R4 and the alliance's definitions)."""
     return Registry()
+
+
+#: The care date of each compartment type (``$everything``'s ``start``/``end`` and a
+#: Consent's ``dataPeriod`` compare with it) where it is not the type's ``date``
+#: parameter; None: the type has no care date.
+CARE_DATES: dict[str, str | None] = {
+    "Account": "period",
+    "Basic": "created",
+    "ChargeItem": "occurrence",
+    "Claim": "created",
+    "ClaimResponse": "created",
+    "Communication": "sent",
+    "CommunicationRequest": "occurrence",
+    "Condition": "onset-date",
+    "CoverageEligibilityRequest": "created",
+    "CoverageEligibilityResponse": "created",
+    "DetectedIssue": "identified",
+    "DeviceRequest": "event-date",
+    "DocumentManifest": "created",
+    "DocumentReference": "period",
+    "ExplanationOfBenefit": "created",
+    "Goal": "start-date",
+    "ImagingStudy": "started",
+    "Media": "created",
+    "MedicationAdministration": "effective-time",
+    "MedicationDispense": "whenhandedover",
+    "MedicationRequest": "authoredon",
+    "MedicationStatement": "effective",
+    "NutritionOrder": "datetime",
+    "Provenance": "recorded",
+    "QuestionnaireResponse": "authored",
+    "RequestGroup": "authored",
+    "ServiceRequest": "occurrence",
+    "Specimen": "collected",
+    "VisionPrescription": "datewritten",
+}
+
+
+def care_date(registry: Registry, type_: str) -> str | None:
+    """The care date parameter of ``type_``, if it has one."""
+    code = CARE_DATES.get(type_, "date")
+    param = registry.params(type_).get(code) if code else None
+    return code if param is not None and param.type == "date" else None
