@@ -759,7 +759,7 @@ def to_term(formula: Formula, shape: TypeShape, member_tag: str) -> Term:
 
 def _order(f: Formula) -> tuple[int, str]:
     """Cheap, selective checks first: the stores evaluate OR and AND left to right."""
-    rank = {Writer: 0, Label: 1, Concerns: 2, Ids: 2, Outside: 3, Dated: 4, Refers: 5}
+    rank = {Writer: 0, Label: 1, Outside: 2, Concerns: 3, Ids: 3, Dated: 4, Refers: 5}
     return rank.get(type(f), 6), repr(f)
 
 
@@ -778,16 +778,25 @@ def _not(term: Term) -> Term:
 
 
 def visible_formula(
-    acc: Accessor, groups: Mapping[Formula, frozenset[str]], consented: frozenset[str]
+    acc: Accessor,
+    groups: Mapping[Formula, frozenset[str]],
+    consented: frozenset[str],
+    withheld: frozenset[str] = frozenset(),
+    named: frozenset[str] = frozenset(),
 ) -> Formula:
     """When a resource is visible to ``acc``: written by its organisation, or every
     patient it concerns permits it. ``groups``: for each permit formula other than the
     default's, the patients (Patient/id) whose Consents give it; ``consented``: all
-    patients with such Consents."""
+    patients with such Consents; ``withheld``: patients among them whose resources
+    are withheld whatever they are (those a filter narrowed to the ``named`` patients
+    leaves out of ``groups``, met only in resources about a patient not named: the
+    most restrictive reading)."""
     mine = Writer(acc.organization) if acc.organization else FALSE
     default = default_formula(acc)
     checks = [neg(conj(neg(default), Outside(consented)))]
     checks += [neg(conj(Concerns(refs), neg(f))) for f, refs in groups.items()]
+    if withheld:
+        checks.append(neg(conj(Outside(named), Concerns(withheld))))
     return disj(mine, conj(*checks))
 
 

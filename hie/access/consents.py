@@ -44,6 +44,7 @@ from hie.access.purpose import BREAK_GLASS, BREAK_GLASS_LABEL
 from hie.fhir.errors import FhirError, error
 from hie.fhir.search.dates import now
 from hie.fhir.search.extract import reference_key, value_rows
+from hie.fhir.search.mdm import SamePerson
 from hie.fhir.search.registry import Registry, care_date
 from hie.mpi.records import LINK_TYPE
 from hie.store import Store, Version
@@ -420,21 +421,60 @@ class ConsentView:
         self.reasons[f"break-glass override of: {verdict.reason}"] = verdict.by
         return _labelled(version)
 
-    def term(self, type_: str) -> Term | None:
-        """A store query term leaving out what the caller may not see of ``type_``;
-        None when nothing is left out (break-glass, audit records)."""
+    def term(self, type_: str, query: Sequence[Term] = ()) -> Term | None:
+        """A store query term leaving out what the caller may not see of the
+        ``type_`` resources ``query`` finds; None when nothing is left out
+        (break-glass, audit records). A query restricted to some patients gets a
+        filter about them only; the Consents of the patients it names are recorded."""
         if self.break_glass or type_ in EXEMPT_TYPES:
             return None
         ledger, acc = self.ledger, self.accessor
+        named = self._named(type_, query)
+        if named is not None:
+            self.note_patients(named)
         key = (acc.organization, acc.purpose, acc.user, acc.user_role, acc.default, type_)
-        cached = ledger.filters.get(key)
+        cached = ledger.filters.get((*key, named))
         if cached is not None and cached[0] >= acc.now:
             self._note(cached[2])
+            return cached[1]
+        groups, consents = self._groups(key, type_)
+        consented = frozenset(p for refs in groups.values() for p in refs)
+        shape = self.book.shape(type_)
+        name = rules.default_name(acc)
+        # Which Consent left out which resource is not known without deciding each
+        # one: the record names the filter, the default and how many Consents shaped it.
+        deciding = {
+            f"search filtered in the store by the {name} and {len(consents)} Consents "
+            "that differ from it for this caller": name
+        }
+        if named is None:
+            formula = visible_formula(acc, groups, consented)
+            suspects = rules.suspects(acc, consented)
+        else:  # only the named patients' Consents; other patients with Consents: withheld
+            mine = {f: refs & named for f, refs in groups.items() if refs & named}
+            formula = visible_formula(acc, mine, consented, consented - named, named)
+            suspects = rules.TRUE  # a few patients' resources: no prefilter
+        term = None
+        if formula != rules.TRUE and suspects != rules.FALSE:
+            term = to_term(formula, shape, MEMBER_TAG_SYSTEM)
+        if term is not None and suspects != rules.TRUE:
+            # Only suspects can be withheld: "not a suspect" settles most resources
+            # with one lookup in a small set, before the full decision.
+            term = AnyOf((Not(to_term(suspects, shape, MEMBER_TAG_SYSTEM)), term))
+        self._keep((*key, named), (_next_boundary(ledger.boundaries, acc.now), term, deciding))
+        self._note(deciding)
+        return term
+
+    def _groups(self, key: tuple, type_: str) -> tuple[dict[Formula, frozenset[str]], set[str]]:
+        """The patients whose Consents give ``type_`` resources another permit formula
+        than the default's for this caller, by formula, and those Consents."""
+        ledger, acc = self.ledger, self.accessor
+        cached = ledger.filters.get(key)
+        if cached is not None and cached[0] >= acc.now:
             return cached[1]
         groups: dict[Formula, set[str]] = {}
         consents: set[str] = set()
         default = rules.default_formula(acc)
-        shape = self.book.shape(type_)
         per_person: dict[tuple[str, ...], Formula] = {}
         for patient, policies in ledger.by_patient.items():
             person = tuple(p.consent for p in policies)
@@ -446,29 +486,15 @@ class ConsentView:
             if formula != default:
                 groups.setdefault(formula, set()).add(patient)
                 consents.update(p.consent for p in policies)
-        consented = frozenset(p for refs in groups.values() for p in refs)
-        formula = visible_formula(acc, {f: frozenset(r) for f, r in groups.items()}, consented)
-        name = rules.default_name(acc)
-        # Which Consent left out which resource is not known without deciding each
-        # one: the record names the filter, the default and how many Consents shaped it.
-        deciding = {
-            f"search filtered in the store by the {name} and {len(consents)} Consents "
-            "that differ from it for this caller": name
-        }
-        term = None
-        suspects = rules.suspects(acc, consented)
-        if formula != rules.TRUE and suspects != rules.FALSE:
-            term = to_term(formula, shape, MEMBER_TAG_SYSTEM)
-        if term is not None and suspects != rules.TRUE:
-            # Only suspects can be withheld: "not a suspect" settles most resources
-            # with one lookup in a small set, before the full decision.
-            term = AnyOf((Not(to_term(suspects, shape, MEMBER_TAG_SYSTEM)), term))
-        valid_until = _next_boundary(ledger.boundaries, acc.now)
-        if len(ledger.filters) >= MAX_FILTERS:  # one per caller, purpose, user and type
-            ledger.filters.clear()
-        ledger.filters[key] = (valid_until, term, deciding)
-        self._note(deciding)
-        return term
+        found = ({f: frozenset(r) for f, r in groups.items()}, consents)
+        self._keep(key, (_next_boundary(ledger.boundaries, acc.now), found))
+        return found
+
+    def _keep(self, key: tuple, value: tuple) -> None:
+        filters = self.ledger.filters
+        if len(filters) >= MAX_FILTERS:  # per caller, purpose, user, type (and patients)
+            filters.clear()
+        filters[key] = value
 
     def _note(self, reasons: dict[str, str]) -> None:
         self.reasons.update(reasons)
@@ -480,20 +506,24 @@ class ConsentView:
             for policy in self.ledger.by_patient.get(ref, ()):
                 self.reasons[f"{policy.consent} applies to {ref}"] = policy.consent
 
-    def note_query(self, type_: str, query: Sequence[Term]) -> None:
-        """:meth:`note_patients` for the patients ``query`` names: ids of a Patient
-        search, references of the type's patient parameters."""
+    def _named(self, type_: str, query: Sequence[Term]) -> frozenset[str] | None:
+        """The patients (Patient/id) ``query`` restricts ``type_`` resources to: each
+        of its terms that names patients (ids of a Patient search, references of the
+        type's patient parameters, alternatives of those) narrows them; None when
+        no term does."""
         params = set(self.book.shape(type_).patient_params)
+        named = None
         for term in query:
-            if isinstance(term, IdIn) and type_ == "Patient":
-                self.note_patients(f"Patient/{i}" for i in term.ids)
-            elif isinstance(term, AnyOf):
-                self.note_query(type_, term.terms)
-            elif isinstance(term, Match) and term.param in params:
-                for cond in term.conds:
-                    values = cond.value if cond.op == "in" else (cond.value,)
-                    if cond.op in ("eq", "in") and cond.column == "text":
-                        self.note_patients(v for v in values if isinstance(v, str))
+            found = _patients_of(type_, term, params)
+            if found is not None:
+                named = found if named is None else named & found
+        if named is None:
+            return None
+        people = set(named)  # with the person's other records (as :mdm widens to)
+        for ref in named:
+            for policy in self.ledger.by_patient.get(ref, ()):
+                people |= self.ledger.policies[policy.consent][1]
+        return frozenset(people)
 
     def drain(self) -> dict[str, str]:
         """The reasons recorded since the last call (for one audit record)."""
@@ -547,3 +577,21 @@ def _unreadable(version: Version) -> Policy | None:
 
 def _by_consent(verdict: Verdict) -> bool:
     return verdict.by is not None and verdict.by.startswith("Consent/")
+
+
+def _patients_of(type_: str, term: Term, params: set[str]) -> frozenset[str] | None:
+    """The patients a query term restricts to, or None if it restricts to none."""
+    if isinstance(term, IdIn) and type_ == "Patient":
+        return frozenset(f"Patient/{i}" for i in term.ids)
+    if isinstance(term, SamePerson) and (term.param in params or term.param is None):
+        return frozenset(f"Patient/{i}" for i in term.ids)
+    if isinstance(term, AnyOf) and term.terms:
+        parts = [_patients_of(type_, t, params) for t in term.terms]
+        return None if None in parts else frozenset().union(*parts)
+    if isinstance(term, Match) and term.param in params:
+        for cond in term.conds:
+            if cond.column == "text" and cond.op == "eq" and isinstance(cond.value, str):
+                return frozenset({cond.value})
+            if cond.column == "text" and cond.op == "in":
+                return frozenset(v for v in cond.value if isinstance(v, str))
+    return None

@@ -170,9 +170,8 @@ def consent_filter(principal: Principal, type_: str, query: Query) -> Query:
 
 
 def _narrowed(view: ConsentView, type_: str, query: Query) -> Query:
-    view.note_query(type_, query)
     out = tuple(_guarded(view, t) for t in query)
-    term = view.term(type_)
+    term = view.term(type_, query)
     return out if term is None else (*out, term)
 
 

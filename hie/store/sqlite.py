@@ -45,9 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import sqlite3
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,6 +153,11 @@ _CHANGED_IN_1 = ("resources_lu", "search_text", "search_low", "search_high", "se
 PROBE = 5000
 #: A negated term whose set has fewer rows is checked with ``NOT IN`` that set.
 FEW = 1000
+#: Stands for the checked resource's id in a kept compiled fragment.
+_ID = "\x00id\x00"
+#: How long, and for how many terms, plan choices are remembered (see Choices).
+CHOICE_SECONDS = 60.0
+MAX_CHOICES = 1000
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 #: Ops an index on (type, param, column) narrows down.
@@ -248,18 +256,53 @@ def _is_resource_key(key: Sort) -> bool:
     return key.param in ("_id", "_lastUpdated")
 
 
+class Choices:
+    """Plan choices kept across queries for :data:`CHOICE_SECONDS`: whether a negated
+    term's set is small, and the SQL of compound terms (by identity: the consent
+    filter of a caller is one object reused by each of its searches), so that a query
+    built again is neither probed nor compiled again. A stale choice costs time, never
+    correctness."""
+
+    def __init__(self) -> None:
+        self._found: OrderedDict[tuple, tuple[object, float]] = OrderedDict()
+        self._fragments = itertools.count()
+        self._lock = threading.Lock()  # reader threads share it
+
+    def get(self, key: tuple) -> object | None:
+        with self._lock:
+            found = self._found.get(key)
+            if found is None or found[1] < time.monotonic():
+                return None
+            self._found.move_to_end(key)
+            return found[0]
+
+    def fragment(self) -> str:
+        """An alias prefix of its own for a compiled fragment kept here."""
+        return f"c{next(self._fragments)}_"
+
+    def put(self, key: tuple, value: object) -> None:
+        with self._lock:
+            while len(self._found) >= MAX_CHOICES:  # the least recently used go first
+                self._found.popitem(last=False)
+            self._found[key] = (value, time.monotonic() + CHOICE_SECONDS)
+
+
 class _Compiler:
     """Translates store queries into SQL for one read; probes set sizes through
     ``conn`` to pick each query's driving term (see the module docstring)."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, choices: Choices | None = None):
         self.conn = conn
         self._aliases = 0
         self._sets: dict[tuple[str, Term], tuple[str, list, bool]] = {}
+        self._small = choices if choices is not None else Choices()
+        #: Estimated ids of the last query planned (up to PROBE + 1: a scan).
+        self._driving = PROBE + 1
+        self._prefix = ""
 
     def _alias(self, prefix: str) -> str:
         self._aliases += 1
-        return f"{prefix}{self._aliases}"
+        return f"{self._prefix}{prefix}{self._aliases}"
 
     # --- planning ------------------------------------------------------------------
 
@@ -270,6 +313,7 @@ class _Compiler:
             key = self._estimate(type_, term)
             if key is not None and key < best_key:
                 best, best_key = n, key
+        self._driving = best_key[0]
         return best, best_key[0]
 
     def _estimate(self, type_: str, term: Term) -> tuple[int, int] | None:
@@ -291,16 +335,22 @@ class _Compiler:
 
     def _few(self, type_: str, term: Term) -> bool:
         """True if ``term`` (index lookups: a Match or an AnyOf of them) matches fewer
-        than :data:`FEW` rows, so that ``NOT IN`` its set is cheaper than checking
-        ``term`` resource by resource."""
-        parts = _flat(term)
-        if not all(isinstance(t, Match) and self._seekable(t) for t in parts):
-            return False
-        if any(c.op == "nin" for t in parts for c in t.conds):  # "all but a few": large
-            return False
-        sql, params, _ = self._set(type_, term)
-        found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {FEW})", params)
-        return found.fetchone()[0] < FEW
+        rows than :data:`FEW` or four per resource the query drives through, so that
+        ``NOT IN`` its set is cheaper than checking ``term`` resource by resource."""
+        key = (type_, term, self._driving >= PROBE)
+        few = self._small.get(key)
+        if few is None:
+            parts = _flat(term)
+            few = all(isinstance(t, Match) and self._seekable(t) for t in parts)
+            if few and any(c.op == "nin" for t in parts for c in t.conds):
+                few = False  # "all but these": large
+            if few:  # a set up to 4 rows per resource to check is cheaper than probing
+                limit = max(FEW, 4 * self._driving)
+                sql, params, _ = self._set(type_, term)
+                found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {limit})", params)
+                few = found.fetchone()[0] < limit
+            self._small.put(key, few)
+        return few
 
     @staticmethod
     def _seekable(term: Match) -> bool:
@@ -380,8 +430,26 @@ class _Compiler:
         raise TypeError(f"no set form for query term {term!r}")
 
     def check(self, type_: str, id_expr: str, term: Term) -> Frag:
-        """A condition true when resource ``type_``/``id_expr`` matches ``term``."""
+        """A condition true when resource ``type_``/``id_expr`` matches ``term``;
+        compound terms are compiled once and kept (see :class:`Choices`)."""
+        if self._prefix or not isinstance(term, AnyOf | Not):
+            return self._check(type_, id_expr, term)
+        key = (type_, id(term), self._driving >= PROBE)
+        kept = self._small.get(key)
+        if kept is None or kept[0] is not term:
+            self._prefix = self._small.fragment()
+            try:
+                kept = (term, *self._check(type_, _ID, term))
+            finally:
+                self._prefix = ""
+            self._small.put(key, kept)
+        return kept[1].replace(_ID, id_expr), kept[2]
+
+    def _check(self, type_: str, id_expr: str, term: Term) -> Frag:
         if isinstance(term, Match):
+            if any(c.op == "in" and len(c.value) > _INLINE_VALUES for c in term.conds):
+                sql, params, _ = self._set(type_, term)  # built once, not probed per id
+                return f"{id_expr} IN ({sql})", params
             tables, where, params, id_col = self._match(type_, term, correlated=True)
             return f"EXISTS (SELECT 1 FROM {tables} WHERE {where} AND {id_col} = {id_expr})", params
         if isinstance(term, IdIn):
@@ -655,6 +723,7 @@ class SqliteStore(Store):
         self._loop_conn: sqlite3.Connection | None = None
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._choices = Choices()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -838,7 +907,7 @@ class SqliteStore(Store):
         offset: int = 0,
     ) -> Page:
         def run(conn: sqlite3.Connection) -> Page:
-            compiler = _Compiler(conn)
+            compiler = _Compiler(conn, self._choices)
             plan = compiler.plan(type_, query)
             total = compiler.count(type_, query, plan[0])
             if count <= 0 or total <= offset:
@@ -854,7 +923,7 @@ class SqliteStore(Store):
         def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             if limit <= 0:
                 return []
-            compiler = _Compiler(conn)
+            compiler = _Compiler(conn, self._choices)
             return compiler.page(type_, query, compiler.plan(type_, query), sort, limit, 0)
 
         return await self._run_read(run)

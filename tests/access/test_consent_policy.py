@@ -19,6 +19,7 @@ from hie.fhir.errors import FhirError
 from hie.fhir.search.extract import index_rows
 from hie.fhir.search.registry import default_registry
 from hie.store import Version, Write
+from hie.store.query import Cond, Match
 from tests.conftest import make_store
 from tests.store.oracle import evaluate
 
@@ -334,7 +335,8 @@ async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
     related = {
         f"Observation/{o}": frozenset(f"Observation/{x}" for x in obs_ids[:3]) for o in obs_ids
     }
-    ledger = Ledger(by_patient=policies, actors=ACTORS, related=related)
+    filed = {c.consent: (c, frozenset({p})) for p, cs in policies.items() for c in cs}
+    ledger = Ledger(filed, by_patient=policies, actors=ACTORS, related=related)
     seen = set()
     for org in ORGS:
         for purpose in ("TREAT", "HRESCH"):
@@ -352,5 +354,21 @@ async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
                 found = await store.search("Observation", (term,) if term else (), count=100)
                 assert {v.id for v in found.items} == visible, (org, purpose, default)
                 assert found.total == len(visible)
+                for patient in PATIENTS:  # a search naming a patient gets a narrower term
+                    named = (Match("subject", (Cond("text", "eq", patient),)),)
+                    narrow = view.term("Observation", named)
+                    found = await store.search(
+                        "Observation", named + ((narrow,) if narrow else ()), count=100
+                    )
+                    expected = {
+                        b["id"]
+                        for b in bodies
+                        if b["subject"]["reference"] == patient and b["id"] in visible
+                    }
+                    got = {v.id for v in found.items}
+                    # exact, except that a resource also about another patient with
+                    # Consents may be withheld (the most restrictive reading)
+                    assert got <= expected, (org, purpose, default, patient)
+                    assert expected - got <= {b["id"] for b in bodies if "performer" in b}
     await store.close()
     assert seen == {True, False}  # the filter withholds some and shows others

@@ -82,6 +82,8 @@ async def expand(
         return found
 
     async def term(t):
+        if not _has(t):  # kept as it is (the same object: stores may cache by identity)
+            return t
         if isinstance(t, SamePerson):
             ids: dict[str, None] = {}
             for id_ in t.ids:
