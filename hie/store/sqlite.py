@@ -157,7 +157,7 @@ FEW = 1000
 _ID = "\x00id\x00"
 #: How long, and for how many terms, plan choices are remembered (see Choices).
 CHOICE_SECONDS = 60.0
-MAX_CHOICES = 1000
+MAX_CHOICES = 20_000
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 #: Ops an index on (type, param, column) narrows down.
