@@ -28,6 +28,18 @@ in-process: through ``FhirService.search`` (what the HTTP route calls: ids, pagi
 snapshot, total, reading the page, includes; no HTTP, JSON or auth) and as one
 ``SqliteStore.match_ids`` for just the page's ids, to show where the time goes.
 
+``--consent`` measures the consent engine instead (issue 6), on a data directory of
+its own: the same alliance plus a member tag on every resource, sensitive security
+labels on 3% of the Observations, one Consent for ~5% of the Patients and a heavy
+patient with 300 more Observations and 50 Consents with nested provisions (see
+:class:`ConsentPlan`). A member client of one Organization (``hie client add``, token
+from ``hie token --client``, purpose TREAT) runs the consent shapes against the server
+with ``HIE_CONSENT=off`` and ``on`` (phases off, on, on, off on the same data
+directory); :class:`ConsentPolicy` computes from the generated Consents what the caller
+may see, and every answer is checked against it (no withheld resource returned, page
+sizes and totals equal to the visible counts, a withheld read 403). The report gives
+each shape's latency with consent off and on and their ratio (target: at most 1.3×).
+
 Output: Markdown on stdout (a table per size, then the growth of p95 with the data
 size against the 50 ms target), also when interrupted; ``--json PATH`` writes every
 figure and ``--from-json PATH`` prints its report again; progress on stderr.
@@ -35,6 +47,7 @@ Examples::
 
     .venv/bin/python scripts/bench_search.py --sizes 10k --runs 20       # smoke, ~1 min
     .venv/bin/python scripts/bench_search.py --sizes 10k,100k,1m --reuse  # the full run
+    .venv/bin/python scripts/bench_search.py --consent --sizes 10k,100k --reuse --runs 200
 """
 
 from __future__ import annotations
@@ -239,23 +252,35 @@ class Truth:
     obs_when: array.array = field(default_factory=lambda: array.array("d"))  # epoch s
     obs_mol: array.array = field(default_factory=lambda: array.array("d"))  # mmol/L or nan
     by_patient: list[list[int]] = field(default_factory=list)
+    # --consent only:
+    caller: int = -1  # the org index of the benchmark's member client
+    heavy: int = -1  # the patient with many Consents
+    obs_label: array.array = field(default_factory=lambda: array.array("b"))  # -1: none
+    obs_writer: array.array = field(default_factory=lambda: array.array("H"))  # org index
+    consents: dict[int, list[tuple[str, dict]]] = field(default_factory=dict)  # by patient
 
     def counts(self) -> dict[str, int]:
-        return {
+        counts = {
             "Organization": len(self.orgs),
             "Patient": len(self.patient_ids),
             "Observation": len(self.obs_ids),
         }
+        if self.consents:
+            counts["Consent"] = sum(len(c) for c in self.consents.values())
+        return counts
 
 
 class Generator:
     """The synthetic alliance, deterministic for a seed and size; yields resources
     while recording :class:`Truth`."""
 
-    def __init__(self, seed: int, size: int):
+    def __init__(self, seed: int, size: int, consent: bool = False):
         self.rng = random.Random(seed)
         self.size = size
         self.truth = Truth()
+        #: --consent: member tags, security labels and Consents, from an RNG of their
+        #: own (the rest of the data is the same as without it).
+        self.plan = ConsentPlan(self, seed) if consent else None
         weights = [c[7] for c in CODES]
         self.code_cum = list(itertools.accumulate(weights))
         self.surname_cum = list(itertools.accumulate(s[2] for s in SURNAMES))
@@ -265,21 +290,34 @@ class Generator:
 
     def resources(self) -> Iterator[tuple[str, str, dict]]:
         """``(type, id, resource)`` in load order: Organizations, then each Patient
-        followed by its Observations."""
-        r, t = self.rng, self.truth
+        followed by its Observations (with ``--consent``, then its Consents, if any)."""
+        r, t, plan = self.rng, self.truth, self.plan
         n_orgs = min(50, max(1, self.size // 200))
         n_patients = max(1, (self.size - n_orgs) // 10)
         n_obs = self.size - n_orgs - n_patients
+        if plan is not None:
+            plan.begin(n_orgs)
         for i in range(n_orgs):
-            yield self.organization(i)
+            item = self.organization(i)
+            if plan is not None:
+                plan.tag(item[2], i)
+            yield item
         per_patient = [0] * n_patients
         for _ in range(n_obs):
             per_patient[r.randrange(n_patients)] += 1
         for n, count in enumerate(per_patient):
-            yield self.patient(n, r.randrange(n_orgs))
+            item = self.patient(n, r.randrange(n_orgs))
+            if plan is not None:
+                plan.patient(item[2], n)
+            yield item
             t.by_patient.append([])
             for _ in range(count):
-                yield self.observation(n)
+                item = self.observation(n)
+                if plan is not None:
+                    plan.observation(item[2])
+                yield item
+            if plan is not None:
+                yield from plan.after_patient(n)
 
     def organization(self, i: int) -> tuple[str, str, dict]:
         (city, city_cn), (kind, kind_cn) = CITIES[i % 10], HOSPITAL_KINDS[i // 10 % 5]
@@ -424,6 +462,298 @@ class Generator:
         return "Observation", oid, obs
 
 
+# --------------------------------------------------------------------------- consent data
+CONSENT_VERSION = 1  # bump when the --consent additions change (invalidates caches)
+MEMBER_TAG_SYSTEM = "http://hie.example/fhir/CodeSystem/member-organization"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+CONSENT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction"
+RESOURCE_TYPES = "http://hl7.org/fhir/resource-types"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+#: The labels the consent contract treats as sensitive (never shared by default).
+SENSITIVE = frozenset(
+    [(ACT_CODE, c) for c in _words(
+        "BH COGN DVD EMOTDIS ETH ETHUD GDIS HIV MH MST OPIOIDUD PSY PSYTHPN SCA SDV SEX "
+        "SPI STD SUD TBOO"
+    )] + [(CONFIDENTIALITY, "R"), (CONFIDENTIALITY, "V")]
+)  # fmt: skip
+#: The sensitive labels the generator puts on Observations (one each at most).
+LABELS = [(ACT_CODE, "HIV"), (ACT_CODE, "PSY"), (ACT_CODE, "SUD"), (ACT_CODE, "ETH"),
+          (CONFIDENTIALITY, "R")]  # fmt: skip
+NORMAL = (CONFIDENTIALITY, "N")  # a label that is not sensitive
+SENSITIVE_SHARE = 0.03  # of the Observations
+CONSENT_SHARE = 0.05  # of the Patients, one Consent each
+HEAVY_OBS = 300  # extra Observations of the heavy patient
+HEAVY_SENSITIVE = 0.1  # of those, labelled HIV or PSY
+CALLER_ORG = 7  # org index of the member client the benchmark queries as
+PURPOSE = "TREAT"
+READ_ACTIONS = frozenset({"access", "use", "disclose"})
+
+
+class ConsentPlan:
+    """What ``--consent`` adds to the alliance: a member tag on every resource (the
+    writer: mostly the patient's managing Organization), sensitive labels on a few
+    Observations, one Consent for ~5% of the Patients (deny one member; deny
+    Observations, some for a data period; permit one label to one member; deny all but
+    one member, as root ``type`` or through ``policyRule``) and a *heavy* patient with
+    300 more Observations and 50 Consents with nested provisions. The client measured
+    is a member of Organization #7 (``truth.caller``), purpose TREAT."""
+
+    def __init__(self, gen: Generator, seed: int):
+        self.gen, self.t = gen, gen.truth
+        self.rng = random.Random(seed * 7919 + 6)
+        self.n_orgs = 0
+
+    def begin(self, n_orgs: int) -> None:
+        self.n_orgs = n_orgs
+        self.t.caller = min(CALLER_ORG, n_orgs - 1)
+
+    def uuid(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def other_org(self) -> int:
+        """A random Organization that is not the caller's."""
+        k = self.rng.randrange(self.n_orgs - 1)
+        return k if k < self.t.caller else k + 1
+
+    def tag(self, body: dict, writer: int, security: list[tuple[str, str]] = ()) -> None:
+        meta = body.setdefault("meta", {})
+        meta["tag"] = [{"system": MEMBER_TAG_SYSTEM, "code": self.t.orgs[writer][0]}]
+        if security:
+            meta["security"] = [{"system": s, "code": c} for s, c in security]
+
+    def patient(self, body: dict, n: int) -> None:
+        t = self.t
+        self.tag(body, t.org_of[n])
+        if t.heavy < 0 and t.org_of[n] != t.caller:
+            t.heavy = n
+
+    def observation(self, body: dict, heavy: bool = False) -> None:
+        r, t = self.rng, self.t
+        p = t.obs_patient[-1]
+        if heavy:  # never written by the caller, so its Consents decide
+            writer = t.org_of[p] if r.random() < 0.8 else self.other_org()
+            label = r.randrange(2) if r.random() < HEAVY_SENSITIVE else -1
+        else:
+            writer = t.org_of[p] if r.random() < 0.8 else r.randrange(self.n_orgs)
+            label = r.randrange(len(LABELS)) if r.random() < SENSITIVE_SHARE else -1
+        security = [LABELS[label]] if label >= 0 else ([NORMAL] if r.random() < 0.2 else [])
+        self.tag(body, writer, security)
+        t.obs_label.append(label)
+        t.obs_writer.append(writer)
+
+    def after_patient(self, n: int) -> Iterator[tuple[str, str, dict]]:
+        r, t = self.rng, self.t
+        if n == t.heavy:
+            yield from self.heavy_consents(n)
+            gen, saved = self.gen, self.gen.rng
+            gen.rng = r  # the extra Observations leave the main RNG alone
+            try:
+                for _ in range(HEAVY_OBS):
+                    item = gen.observation(n)
+                    self.observation(item[2], heavy=True)
+                    yield item
+            finally:
+                gen.rng = saved
+            return
+        if r.random() >= CONSENT_SHARE:
+            return
+        labels = {t.obs_label[i] for i in t.by_patient[n]} - {-1}
+        kind = "label" if labels and r.random() < 0.5 else r.choice(["org", "class", "all"])
+        x = t.caller if r.random() < 0.5 else self.other_org()
+        if kind == "org":  # deny everything to one member
+            yield self.consent(
+                n, self.prov("deny", actor=x, action="access" if r.random() < 0.3 else None)
+            )
+        elif kind == "class":  # deny Observations (to everyone), sometimes of a data period
+            period = self.window(3 * 365) if r.random() < 0.5 else None
+            yield self.consent(n, self.prov("deny", cls="Observation", period=period))
+        elif kind == "label":  # permit one sensitive label to one member
+            label = LABELS[r.choice(sorted(labels))]
+            yield self.consent(n, self.prov("permit", actor=x, labels=[label], purpose=PURPOSE))
+        elif r.random() < 0.5:  # deny all but one member (root type deny)
+            yield self.consent(n, self.prov("deny", sub=[self.prov("permit", actor=x)]))
+        else:  # the same through policyRule, the root without a type
+            yield self.consent(n, self.prov(None, sub=[self.prov("permit", actor=x)]), "OPTOUT")
+
+    def heavy_consents(self, n: int) -> Iterator[tuple[str, str, dict]]:
+        """50 Consents; for the caller, Observations of some data periods are denied
+        and HIV-labelled ones permitted (outside other periods). Every permit that can
+        match the caller names the label it releases, so the decision is unambiguous."""
+        c, hiv, psy = self.t.caller, [LABELS[0]], [LABELS[1]]
+        p = self.prov
+        for i in range(16):  # deny all to another member (no effect for the caller)
+            yield self.consent(
+                n, p("deny", actor=self.other_org(), action="access" if i % 2 else None)
+            )
+        for _ in range(3):  # denials that do not apply to reads for treatment
+            yield self.consent(n, p("deny", purpose="HRESCH"))
+            yield self.consent(n, p("deny", action="collect"))
+        for _ in range(8):  # deny Observations of a data period to everyone
+            yield self.consent(n, p("deny", cls="Observation", period=self.window(90)))
+        for _ in range(6):  # permit HIV to the caller, except in a data period
+            sub = [p("deny", period=self.window(120))]
+            yield self.consent(n, p("permit", actor=c, labels=hiv, purpose=PURPOSE, sub=sub))
+        for _ in range(6):  # deny the caller Observations of a period, except HIV ones
+            inner = [p("deny", purpose="HRESCH")]
+            sub = [p("permit", labels=hiv, sub=inner)]
+            root = p("deny", actor=c, cls="Observation", period=self.window(180), sub=sub)
+            yield self.consent(n, root)
+        for _ in range(8):  # another member: all but PSY (no effect for the caller)
+            sub = [p("deny", cls="Observation", labels=psy)]
+            yield self.consent(n, p(None, actor=self.other_org(), sub=sub), "OPTIN")
+
+    def window(self, days: int) -> tuple[float, float]:
+        start = EFFECTIVE_FROM.timestamp() + self.rng.randrange(EFFECTIVE_SPAN - days * 86_400)
+        return start, start + days * 86_400
+
+    def prov(
+        self,
+        type_: str | None,
+        *,
+        actor: int | None = None,
+        action: str | None = None,
+        purpose: str | None = None,
+        cls: str | None = None,
+        labels: list[tuple[str, str]] = (),
+        period: tuple[float, float] | None = None,
+        sub: list[dict] = (),
+    ) -> dict:
+        out: dict[str, Any] = {}
+        if type_:
+            out["type"] = type_
+        if period:
+            start, end = (
+                dt.datetime.fromtimestamp(x, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for x in period
+            )
+            out["dataPeriod"] = {"start": start, "end": end}
+        if actor is not None:
+            out["actor"] = [
+                {
+                    "role": {"coding": [{"system": PARTICIPATION, "code": "IRCP"}]},
+                    "reference": {"reference": f"Organization/{self.t.orgs[actor][0]}"},
+                }
+            ]
+        if action:
+            out["action"] = [{"coding": [{"system": CONSENT_ACTION, "code": action}]}]
+        if labels:
+            out["securityLabel"] = [{"system": s, "code": c} for s, c in labels]
+        if purpose:
+            out["purpose"] = [{"system": ACT_REASON, "code": purpose}]
+        if cls:
+            out["class"] = [{"system": RESOURCE_TYPES, "code": cls}]
+        if sub:
+            out["provision"] = list(sub)
+        return out
+
+    def consent(self, n: int, root: dict, policy: str | None = None) -> tuple[str, str, dict]:
+        t = self.t
+        cid = self.uuid()
+        policy = policy or ("OPTIN" if root.get("type") == "permit" else "OPTOUT")
+        body = {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": LOINC_SYSTEM, "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{t.patient_ids[n]}"},
+            "dateTime": "2024-06-01T10:00:00+08:00",
+            "policyRule": {"coding": [{"system": ACT_CODE, "code": policy}]},
+            "provision": root,
+        }
+        self.tag(body, t.org_of[n])
+        t.consents.setdefault(n, []).append((cid, body))
+        return "Consent", cid, body
+
+
+VISIBLE, WITHHELD, UNSURE = 0, 1, 2
+
+
+class ConsentPolicy:
+    """The contract's decision (docs: /tmp/consent-spec.md, hie/access/consent.py) for
+    the benchmark's caller, over the Consents the generator wrote: what a member of
+    ``caller`` reading for treatment may see, under the default opt-out policy.
+
+    A permit that matches a sensitively labelled resource without naming its label is
+    read both as that Consent denying and as not applying; where the two readings
+    differ the answer is UNSURE (the checks accept either). The generator avoids such
+    cases, and ``unsure`` counts them."""
+
+    def __init__(self, truth: Truth):
+        self.t = truth
+        self.caller_ref = f"Organization/{truth.orgs[truth.caller][0]}"
+
+    def visibility(
+        self, type_: str, labels: frozenset, when: float, writer: int, patient: int
+    ) -> int:
+        if writer == self.t.caller:
+            return VISIBLE  # a member always sees what it wrote
+        decisions = [
+            self.decide(c, type_, labels, when) for _, c in self.t.consents.get(patient, ())
+        ]
+        default = WITHHELD if labels & SENSITIVE else VISIBLE
+        strict = self.combine(["deny" if d == "unnamed" else d for d in decisions], default)
+        lenient = self.combine([None if d == "unnamed" else d for d in decisions], default)
+        return strict if strict == lenient else UNSURE
+
+    @staticmethod
+    def combine(decisions: list[str | None], default: int) -> int:
+        if "deny" in decisions:
+            return WITHHELD
+        return VISIBLE if "permit" in decisions else default
+
+    def decide(self, consent: dict, type_: str, labels: frozenset, when: float) -> str | None:
+        """permit, deny, None (not applicable) or "unnamed" (a permit that does not
+        name every sensitive label the resource carries)."""
+        rule = {c.get("code") for c in consent.get("policyRule", {}).get("coding", ())}
+        base = "permit" if rule & {"OPTIN", "OPTINR"} else "deny" if rule else None
+        found = self.provision(consent.get("provision", {}), type_, labels, when, base, frozenset())
+        if found is None:
+            return None
+        decision, named = found
+        if decision == "permit" and (labels & SENSITIVE) - named:
+            return "unnamed"
+        return decision
+
+    def provision(self, p, type_, labels, when, base, named) -> tuple[str, frozenset] | None:
+        if not self.matches(p, type_, labels, when):
+            return None
+        named = named | {(c.get("system"), c.get("code")) for c in p.get("securityLabel", ())}
+        kids = [self.provision(k, type_, labels, when, None, named) for k in p.get("provision", ())]
+        kids = [k for k in kids if k is not None]
+        if kids:  # the deepest match decides; among siblings, deny wins
+            return next((k for k in kids if k[0] == "deny"), kids[0])
+        return p.get("type") or base, named
+
+    def matches(self, p: dict, type_: str, labels: frozenset, when: float) -> bool:
+        if "actor" in p and not any(
+            a.get("reference", {}).get("reference") == self.caller_ref for a in p["actor"]
+        ):
+            return False
+        if "action" in p and not any(
+            c.get("code") in READ_ACTIONS for a in p["action"] for c in a.get("coding", ())
+        ):
+            return False
+        if "purpose" in p and not any(c.get("code") == PURPOSE for c in p["purpose"]):
+            return False
+        if "class" in p and not any(c.get("code") == type_ for c in p["class"]):
+            return False
+        if "securityLabel" in p and not (
+            labels & {(c.get("system"), c.get("code")) for c in p["securityLabel"]}
+        ):
+            return False
+        if "dataPeriod" in p:
+            period = p["dataPeriod"]
+            if (
+                not _instant(period["start"]).timestamp()
+                <= when
+                <= _instant(period["end"]).timestamp()
+            ):
+                return False
+        return True
+
+
 # --------------------------------------------------------------------------- loading
 def registry_fingerprint() -> str:
     """What the server compares at startup to decide whether to reindex."""
@@ -441,14 +771,17 @@ def schema_digest() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def manifest_key(seed: int, size: int) -> dict[str, Any]:
-    return {
+def manifest_key(seed: int, size: int, consent: bool = False) -> dict[str, Any]:
+    key = {
         "generator": GENERATOR_VERSION,
         "seed": seed,
         "size": size,
         "registry": registry_fingerprint(),
         "schema": schema_digest(),
     }
+    if consent:
+        key["consent"] = CONSENT_VERSION
+    return key
 
 
 async def load(data_dir: Path, gen: Generator, batch_size: int) -> dict[str, Any]:
@@ -535,11 +868,12 @@ def db_mib(data_dir: Path) -> float:
 
 def prepare(args: argparse.Namespace, size: int) -> tuple[Path, Truth, dict]:
     """The data directory of ``size`` (loaded now, or reused) and its truth."""
-    root = args.cache_dir / f"{size}-seed{args.seed}"
+    consent = getattr(args, "consent", False)
+    root = args.cache_dir / (f"{size}-seed{args.seed}" + ("-consent" if consent else ""))
     data_dir = root / "data"
     manifest_path = root / "manifest.json"
-    key = manifest_key(args.seed, size)
-    gen = Generator(args.seed, size)
+    key = manifest_key(args.seed, size, consent)
+    gen = Generator(args.seed, size, consent)
     if args.reuse and manifest_path.exists():
         manifest = orjson.loads(manifest_path.read_bytes())
         if manifest.get("key") == key and (data_dir / "hie.sqlite3").exists():
@@ -580,6 +914,8 @@ class Case:
     #: Follow the ``next`` link: ``params`` is the first page's search on this type,
     #: run untimed; the timed request is its next link, fetched for the first time.
     follow: str | None = None
+    #: The path to GET (``--consent``: a read, an operation), else the shape's type.
+    path: str | None = None
 
 
 @dataclass
@@ -826,6 +1162,179 @@ class Mix:
         ]  # fmt: skip
 
 
+class ConsentMix(Mix):
+    """The query shapes of ``--consent``. Each case carries one expectation per mode
+    (``off``: every resource; ``on``: what :class:`ConsentPolicy` leaves visible)."""
+
+    def __init__(self, truth: Truth):
+        super().__init__(truth)
+        t = self.t
+        policy = ConsentPolicy(t)
+        now = time.time()
+        self.obs_seen = bytearray(len(t.obs_ids))
+        for i in range(len(t.obs_ids)):
+            label = t.obs_label[i]
+            labels = frozenset([LABELS[label]]) if label >= 0 else frozenset()
+            writer, n = t.obs_writer[i], t.obs_patient[i]
+            if n in t.consents:
+                seen = policy.visibility("Observation", labels, t.obs_when[i], writer, n)
+            elif writer != t.caller and labels:
+                seen = WITHHELD
+            else:
+                seen = VISIBLE
+            self.obs_seen[i] = seen
+        self.unsure = self.obs_seen.count(UNSURE)
+        self.consented = set(t.consents)
+        # the baseline reads: Patients no Consent speaks of (visible in both modes)
+        self.read_ids = [pid for n, pid in enumerate(t.patient_ids) if n not in self.consented]
+        # -- by code: every Observation, and per visibility
+        self.code_all: dict[int, set[str]] = {}
+        self.code_seen: dict[int, list[set[str]]] = {}
+        for i, (oid, k) in enumerate(zip(t.obs_ids, t.obs_code, strict=True)):
+            self.code_all.setdefault(k, set()).add(oid)
+            self.code_seen.setdefault(k, [set(), set(), set()])[self.obs_seen[i]].add(oid)
+        # -- the heavy patient: its Observations, and its whole record ($everything)
+        h = t.heavy
+        pid = t.patient_ids[h]
+        self.heavy_obs = [set(), set(), set()]
+        for i in t.by_patient[h]:
+            self.heavy_obs[self.obs_seen[i]].add(t.obs_ids[i])
+        everything = [set(), set(), set()]
+        everything[policy.visibility("Patient", frozenset(), now, t.org_of[h], h)].add(
+            f"Patient/{pid}"
+        )
+        for cid, _ in t.consents.get(h, ()):
+            seen = policy.visibility("Consent", frozenset(), now, t.org_of[h], h)
+            everything[seen].add(f"Consent/{cid}")
+        for i in t.by_patient[h]:
+            everything[self.obs_seen[i]].add(f"Observation/{t.obs_ids[i]}")
+        self.heavy_everything = everything
+        # -- the reads: half among the Observations of patients with Consents
+        self.consented_obs = [i for n in sorted(self.consented) for i in t.by_patient[n]]
+
+    def summary(self) -> dict[str, Any]:
+        t, seen = self.t, self.obs_seen
+        return {
+            "caller": f"Organization/{t.orgs[t.caller][0]}",
+            "sensitive_observations": sum(1 for x in t.obs_label if x >= 0),
+            "patients_with_consents": len(self.consented) - 1,
+            "heavy_patient": t.patient_ids[t.heavy],
+            "heavy_observations": len(t.by_patient[t.heavy]),
+            "heavy_consents": len(t.consents.get(t.heavy, ())),
+            "heavy_visible": len(self.heavy_obs[VISIBLE]),
+            "observations_withheld": seen.count(WITHHELD),
+            "observations_unsure": seen.count(UNSURE),
+        }
+
+    @staticmethod
+    def expect(groups: list[set[str]], count: int, total: bool = False, **extra) -> dict:
+        """What a page of ``count`` must be: ids from the visible (or unsure) group,
+        as many as there are; ``total``: ``Bundle.total`` is required."""
+        visible, withheld, unsure = groups
+        return {
+            "ids": visible,
+            "withheld": withheld,
+            "unsure": unsure,
+            "n": len(visible),
+            "count": count,
+            "total": total,
+            **extra,
+        }
+
+    def both(self, groups: list[set[str]], count: int, **extra) -> dict[str, dict]:
+        everything = [groups[0] | groups[1] | groups[2], set(), set()]
+        return {
+            "off": self.expect(everything, count, **extra),
+            "on": self.expect(groups, count, **extra),
+        }
+
+    def shapes(self) -> list[Shape]:
+        t = self.t
+        heavy = t.patient_ids[t.heavy]
+        loinc = f"code={LOINC_SYSTEM}|<code>"
+
+        def check_page(b: dict, e: dict) -> str | None:
+            got = (
+                [f"{r['resourceType']}/{r['id']}" for r in _entries(b)]
+                if e.get("typed")
+                else _ids(b)
+            )
+            if len(set(got)) != len(got):
+                return "the page repeats a resource"
+            leaked = [i for i in got if i in e["withheld"]]
+            if leaked:
+                return f"{len(leaked)} withheld resources returned, e.g. {leaked[0]}"
+            stray = [i for i in got if i not in e["ids"] and i not in e["unsure"]]
+            if stray:
+                return f"{len(stray)} resources that do not match, e.g. {stray[0]}"
+            lo, hi = e["n"], e["n"] + len(e["unsure"])
+            if "first" in e:  # a next page
+                if set(got) & e["first"]:
+                    return "page 2 repeats page 1"
+                lo, hi = max(0, lo - e["count"]), max(0, hi - e["count"])
+            if not min(lo, e["count"]) <= len(got) <= min(hi, e["count"]):
+                return f"{len(got)} on the page, expected {min(lo, e['count'])}"
+            total = b.get("total")
+            if total is None:
+                return "no total with _total=accurate" if e["total"] else None
+            if not e["n"] <= total <= e["n"] + len(e["unsure"]):
+                wrong = f"total {total}, expected {e['n']}"
+                return f"note: {wrong}" if "first" in e else wrong
+            return None
+
+        def check_read(b: dict, e: dict) -> str | None:
+            return None if b.get("id") == e["id"] else f"read returned {b.get('id')}"
+
+        def heavy_subject(rng, total=False):
+            params = [("subject", f"Patient/{heavy}"), ("_count", "50")]
+            if total:
+                params.append(("_total", "accurate"))
+            return Case(params, self.both(self.heavy_obs, 50, total=total), path="Observation")
+
+        def code(rng, total=False):
+            k = rng.choice(self.broad_codes)
+            params = [("code", f"{LOINC_SYSTEM}|{CODES[k][0]}"), ("_count", "50")]
+            if total:
+                params.append(("_total", "accurate"))
+            return Case(params, self.both(self.code_seen[k], 50, total=total), path="Observation")
+
+        def next_page(rng):
+            k = rng.choice(self.broad_codes)
+            params = [("code", f"{LOINC_SYSTEM}|{CODES[k][0]}"), ("_count", "50")]
+            expect = self.both(self.code_seen[k], 50, first=set())
+            return Case(params, expect, follow="Observation")
+
+        def everything(rng):
+            expect = self.both(self.heavy_everything, 50, typed=True)
+            return Case([("_count", "50")], expect, path=f"Patient/{heavy}/$everything")
+
+        def read(rng):
+            pool = self.consented_obs if rng.random() < 0.5 else None
+            i = rng.choice(pool) if pool else rng.randrange(len(t.obs_ids))
+            oid, seen = t.obs_ids[i], self.obs_seen[i]
+            status = {VISIBLE: 200, WITHHELD: 403, UNSURE: None}[seen]
+            expect = {"off": {"status": 200, "id": oid}, "on": {"status": status, "id": oid}}
+            return Case([], expect, path=f"Observation/{oid}")
+
+        subject = "Observation?subject=Patient/<heavy>&_count=50"
+        code_ = f"Observation?{loinc}&_count=50"
+        return [
+            Shape("heavy: subject", "Observation", subject, False, heavy_subject, check_page),
+            Shape("heavy: subject, _total", "Observation", f"{subject}&_total=accurate", False,
+                  lambda rng: heavy_subject(rng, True), check_page),
+            Shape("heavy: $everything", "Patient", "Patient/<heavy>/$everything?_count=50",
+                  False, everything, check_page),
+            Shape("many patients: code", "Observation", code_, False, code, check_page),
+            Shape("many patients: _total", "Observation", f"{code_}&_total=accurate", False,
+                  lambda rng: code(rng, True), check_page),
+            Shape("many patients: page 2", "Observation",
+                  "fhir?_getpages=<key>&_getpagesoffset=50&_count=50", False, next_page,
+                  check_page),
+            Shape("read", "Observation", "Observation/<id> (half of patients with Consents)",
+                  False, read, check_read),
+        ]  # fmt: skip
+
+
 def _name_parts(name: dict) -> list[str]:
     parts = [name.get("family", ""), *name.get("given", []), name.get("text", "")]
     return [p for p in parts if p]
@@ -869,6 +1378,8 @@ class Row:
     notes: dict[str, int] = field(default_factory=dict)  # deviations that are not errors
     service: Stat | None = None
     store: Stat | None = None
+    consent: str | None = None  # --consent: "off" or "on" (HIE_CONSENT of the server)
+    phases: list[float] = field(default_factory=list)  # --consent: p50 ms of each phase
 
 
 def proc_cpu(pid: int) -> float:
@@ -1068,6 +1579,229 @@ class Runner:
         return t1 - t0, perf() - t1
 
 
+class ConsentBench:
+    """``--consent``: one size, the same data and member client with ``HIE_CONSENT=off``
+    and ``on``. The phases run off, on, on, off (each a server started on the data
+    directory and half of a mode's runs), so that a drift of the machine's load over
+    the run weighs on both modes alike."""
+
+    PHASES = ("off", "on", "on", "off")
+    CLIENT = "bench-consent"
+
+    def __init__(self, args: argparse.Namespace, size: int, data_dir: Path, mix: ConsentMix):
+        self.args, self.size, self.data_dir, self.mix = args, size, data_dir, mix
+        self.server: Server | None = None
+
+    def env(self, mode: str) -> dict[str, str]:
+        return clean_env(HIE_DATA_DIR=str(self.data_dir), HIE_AUTH="on", HIE_CONSENT=mode)
+
+    def hie(self, *argv: str) -> str:
+        done = subprocess.run(
+            [*hie_executable(), *argv, "--data-dir", str(self.data_dir)],
+            env=self.env("on"),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return done.stdout.strip()
+
+    def register(self) -> None:
+        """A member client of the caller's Organization (a throw-away public key: the
+        token comes from ``hie token --client``), purpose TREAT."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        pem = self.data_dir.parent / "bench-consent-client.pem"
+        pem.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        t = self.mix.t
+        self.hie(
+            "client", "add", self.CLIENT, "--org", f"Organization/{t.orgs[t.caller][0]}",
+            "--role", "member", "--scope", "system/*.rs", "--public-key", str(pem),
+        )  # fmt: skip
+        out = self.hie("token", "--client", self.CLIENT, "--purpose", PURPOSE, "--ttl", "86400")
+        self.token = out.splitlines()[-1]
+
+    def start(self, mode: str) -> None:
+        port = free_port()
+        argv = [*hie_executable(), "serve", "--host", HOST, "--port", str(port)]
+        argv += ["--data-dir", str(self.data_dir)]
+        log_path = self.data_dir.parent / "hie.log"
+        self.server = Server(
+            f"hie serve (HIE_CONSENT={mode})", argv, self.env(mode), port, log_path
+        )
+        self.server.start(timeout=300)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def measure(self, rows: list[Row]) -> None:
+        import httpx
+
+        args, mix = self.args, self.mix
+        rng = random.Random(args.seed + self.size)
+        shapes = mix.shapes()
+        plan: dict[str, tuple[list[Case], list[tuple[Case, str]]]] = {}
+        for shape in shapes:
+            cases = [shape.make(rng) for _ in range(args.warmup + args.runs)]
+            reads = [rng.choice(mix.read_ids) for _ in cases]
+            plan[shape.name] = (
+                cases[: args.warmup],
+                list(zip(cases, reads, strict=True))[args.warmup :],
+            )
+        acc = {(s.name, m): _Acc() for s in shapes for m in ("off", "on")}
+        for p, mode in enumerate(self.PHASES):
+            chunk, chunks = self.PHASES[:p].count(mode), self.PHASES.count(mode)
+            log(f"size {self.size:,}: phase {p + 1}/{len(self.PHASES)}, HIE_CONSENT={mode}")
+            self.start(mode)
+            try:
+                headers = {"Authorization": f"Bearer {self.token}", "Accept": FHIR_JSON}
+                base = f"{self.server.url}/fhir"
+                with httpx.Client(base_url=base, headers=headers, timeout=600) as client:
+                    for shape in shapes:
+                        warm, measured = plan[shape.name]
+                        a = acc[shape.name, mode]
+                        for case in warm:
+                            self.one(client, shape, case, mode, None, None)
+                        busy0, own0 = machine_busy_seconds(), time.process_time()
+                        t0 = time.perf_counter()
+                        mine, done = measured[chunk::chunks], len(a.q_lat)
+                        for i, (case, rid) in enumerate(mine):
+                            self.one(client, shape, case, mode, rid, a)
+                            spent = time.perf_counter() - t0
+                            if (
+                                i + 1 >= args.min_runs / chunks
+                                and spent > args.max_seconds / chunks
+                            ):
+                                log(f"  {shape.name}: {i + 1} of {len(mine)} runs in {spent:.0f} s")
+                                break
+                        a.elapsed += time.perf_counter() - t0
+                        a.phases.append(Stat.of(a.q_lat[done:]).p50)
+                        log(f"  {shape.name:24} {mode:3} p50 {a.phases[-1]:8.2f} ms (this phase)")
+                        busy1 = machine_busy_seconds()
+                        if busy0 is not None and busy1 is not None:
+                            a.busy += busy1 - busy0 - (time.process_time() - own0)
+                        else:
+                            a.elapsed = math.nan
+            except BaseException:
+                if self.server is not None and self.server.proc is not None:
+                    log(f"server log tail:\n{self.server.tail()}")
+                raise
+            finally:
+                self.stop()
+        for shape in shapes:
+            for mode in ("off", "on"):
+                a = acc[shape.name, mode]
+                n = len(a.q_lat)
+                cases = [c for c, _ in plan[shape.name][1]]
+                matches = [c.expect[mode].get("n", 1) for c in cases]
+                other = None
+                if a.elapsed and not math.isnan(a.elapsed):
+                    other = max(0.0, (a.busy - a.q_cpu - a.r_cpu) / a.elapsed)
+                row = Row(
+                    size=self.size,
+                    shape=shape.name,
+                    example=shape.example,
+                    single=False,
+                    http=Stat.of(a.q_lat),
+                    read=Stat.of(a.r_lat),
+                    cpu_ms=a.q_cpu * 1e3 / n if n else None,
+                    read_cpu_ms=a.r_cpu * 1e3 / n if n else None,
+                    other_cores=other,
+                    matches=sum(matches) / len(matches) if matches else 0,
+                    errors=a.errors,
+                    first_error=a.first,
+                    notes=dict(a.notes),
+                    consent=mode,
+                    phases=a.phases,
+                )  # fmt: skip
+                rows.append(row)
+                log(
+                    f"  {shape.name:24} {mode:3} n={n:3} p50 {row.http.p50:8.2f} p95 "
+                    f"{row.http.p95:8.2f} ms | read p50 {row.read.p50:5.2f} | cpu "
+                    f"{row.cpu_ms or 0:7.2f} ms"
+                    + (f" | {a.errors} ERRORS: {a.first}" if a.errors else "")
+                )
+
+    def one(self, client, shape: Shape, case: Case, mode: str, rid: str | None, a: _Acc | None):
+        """One request of ``case`` (and the baseline read of ``rid``), checked; timed
+        into ``a`` unless it is a warm-up."""
+        e = case.expect[mode]
+        url = None
+        if case.follow:  # the first page, untimed
+            first = client.get(f"/{case.follow}", params=case.params)
+            first.raise_for_status()
+            bundle = orjson.loads(first.content)
+            e["first"] = set(_ids(bundle))
+            url = next((x["url"] for x in bundle.get("link", ()) if x["relation"] == "next"), None)
+        pid = self.server.proc.pid
+        c0 = proc_cpu(pid)
+        t0 = time.perf_counter()
+        if case.follow and url is None:
+            r = None
+        else:
+            r = client.get(url) if url else client.get(f"/{case.path}", params=case.params)
+        seconds = time.perf_counter() - t0
+        c1 = proc_cpu(pid)
+        status = e.get("status", 200)
+        if r is None:
+            problem = "no next link" if e["n"] + len(e["unsure"]) > e["count"] else None
+        elif status is not None and r.status_code != status:
+            problem = f"HTTP {r.status_code}, expected {status}: {r.text[:200]}"
+        elif r.status_code == 200:
+            problem = shape.check(orjson.loads(r.content), e)
+        elif r.status_code == 403:
+            problem = _check_forbidden(orjson.loads(r.content))
+        else:
+            problem = f"HTTP {r.status_code}: {r.text[:200]}"
+        if a is None:
+            return
+        if problem and problem.startswith("note: "):
+            a.notes[problem[6:]] += 1
+        elif problem:
+            a.errors += 1
+            a.first = a.first or f"{case.path or case.follow}?{case.params}: {problem}"
+        t1 = time.perf_counter()
+        rr = client.get(f"/Patient/{rid}")
+        read_s = time.perf_counter() - t1
+        c2 = proc_cpu(pid)
+        if rr.status_code != 200:
+            a.errors += 1
+            a.first = a.first or f"baseline read Patient/{rid}: HTTP {rr.status_code}"
+        a.q_lat.append(seconds)
+        a.r_lat.append(read_s)
+        a.q_cpu += c1 - c0
+        a.r_cpu += c2 - c1
+
+
+@dataclass
+class _Acc:
+    """What one (shape, mode) gathers over its phases."""
+
+    q_lat: list[float] = field(default_factory=list)
+    r_lat: list[float] = field(default_factory=list)
+    q_cpu: float = 0.0
+    r_cpu: float = 0.0
+    busy: float = 0.0
+    elapsed: float = 0.0
+    errors: int = 0
+    first: str | None = None
+    notes: Counter = field(default_factory=Counter)
+    phases: list[float] = field(default_factory=list)
+
+
+def _check_forbidden(body: dict) -> str | None:
+    """A read withheld under consent: 403 OperationOutcome ``forbidden`` that says so."""
+    issues = body.get("issue", []) if body.get("resourceType") == "OperationOutcome" else []
+    if not any(i.get("code") == "forbidden" for i in issues):
+        return f"403 without a forbidden issue: {str(body)[:200]}"
+    if not any("consent" in i.get("diagnostics", "").lower() for i in issues):
+        return f"403 whose diagnostics do not mention consent: {str(body)[:200]}"
+    return None
+
+
 # --------------------------------------------------------------------------- report
 def _lat(s: Stat | None) -> str:
     return "n/a" if s is None or not s.n else f"{fmt_ms(s.p50)} / {fmt_ms(s.p95)}"
@@ -1077,15 +1811,35 @@ def _x(a: float, b: float) -> str:
     return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:,.1f}×"
 
 
+def _busy(rows: list[Row], size: int) -> list[str]:
+    """The line saying how busy the machine was while ``size`` was measured."""
+    busy = [r.other_cores for r in rows if r.size == size and r.other_cores is not None]
+    if not busy:
+        return []
+    return [
+        "",
+        f"Other processes used {sum(busy) / len(busy):.2f} CPU cores on average during "
+        f"these phases (at most {max(busy):.2f}).",
+    ]
+
+
+def _head(title: str, argv: list[str], info: dict) -> list[str]:
+    """A report's title, command and machine lines."""
+    return [
+        title,
+        "",
+        f"Command: `{' '.join(argv)}`",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['ram_gib']} GiB RAM, "
+        f"Python {info['python']}, SQLite {info['sqlite']}, {info['event_loop']}; "
+        f"hie {info['hie_revision']}; {info['date']}.",
+    ]
+
+
 def report(
     rows: list[Row], sizes: list[int], manifests: dict[int, dict], info: dict, argv: list[str]
 ) -> str:
-    out = ["# HIE search benchmark", "", f"Command: `{' '.join(argv)}`", ""]
-    out.append(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), {info['ram_gib']} GiB RAM, "
-        f"Python {info['python']}, SQLite {info['sqlite']}, {info['event_loop']}; "
-        f"hie {info['hie_revision']}; {info['date']}."
-    )
+    out = _head("# HIE search benchmark", argv, info)
     out += [
         "",
         "| size | resources (Org / Patient / Observation) | on disk | load |",
@@ -1118,13 +1872,7 @@ def report(
                 f"| {r.shape}: `{r.example}` | {r.matches:,.0f} | {_lat(r.http)} | {_lat(r.read)} "
                 f"| {ratio} | {_lat(r.service)} | {_lat(r.store)} | {cpu} | {r.http.n} | {check} |"
             )
-        busy = [r.other_cores for r in rows if r.size == size and r.other_cores is not None]
-        if busy:
-            out += [
-                "",
-                f"Other processes used {sum(busy) / len(busy):.2f} CPU cores on average during "
-                f"these phases (at most {max(busy):.2f}).",
-            ]
+        out += _busy(rows, size)
     out += ["", "## Growth of p95 with the data size", ""]
     head = " | ".join(f"p95 {s:,}" for s in sizes)
     out += [
@@ -1162,6 +1910,98 @@ def report(
     return "\n".join(out) + "\n"
 
 
+CONSENT_TARGET = 1.3  # consent on: at most 30% more latency than consent off
+
+
+def report_consent(
+    rows: list[Row], sizes: list[int], manifests: dict[int, dict], info: dict, argv: list[str]
+) -> str:
+    """The ``--consent`` report: each shape with consent off and on, and their ratio."""
+    out = _head("# HIE search benchmark: consent", argv, info)
+    out += [
+        "",
+        "| size | Org / Patient / Observation / Consent | sensitive Observations "
+        "| other patients with a Consent | heavy patient: Observations (visible) / Consents "
+        "| Observations withheld from the caller | on disk | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        m = manifests[size]
+        c, load_, k = m["counts"], m["load"], m.get("consent", {})
+        out.append(
+            f"| {size:,} | {c['Organization']:,} / {c['Patient']:,} / {c['Observation']:,} / "
+            f"{c.get('Consent', 0):,} | {k.get('sensitive_observations', 0):,} "
+            f"| {k.get('patients_with_consents', 0):,} | {k.get('heavy_observations', 0):,} "
+            f"({k.get('heavy_visible', 0):,}) / {k.get('heavy_consents', 0):,} "
+            f"| {k.get('observations_withheld', 0):,} "
+            f"| {m.get('db_mib', load_.get('db_mib', 0)):,.0f} MiB "
+            f"| {load_['seconds']:,.0f} s ({m['loaded_at']}) |"
+        )
+    by = {(r.size, r.shape, r.consent): r for r in rows}
+    summary = []
+    for size in sizes:
+        out += [
+            "",
+            f"## {size:,} resources",
+            "",
+            "| query | matches off → on | off p50 / p95 ms | on p50 / p95 ms "
+            f"| on / off p50 · p95 | ≤ {CONSENT_TARGET:g}× | server CPU ms off → on "
+            "| read p50 off / on ms | n | check off / on |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(r.shape for r in rows if r.size == size):
+            off, on = by.get((size, name, "off")), by.get((size, name, "on"))
+            if off is None or on is None:
+                continue
+            r50, r95 = on.http.p50 / off.http.p50, on.http.p95 / off.http.p95
+            verdict = (
+                "met"
+                if max(r50, r95) <= CONSENT_TARGET
+                else "p50 met, p95 MISSED"
+                if r50 <= CONSENT_TARGET
+                else "MISSED"
+            )
+            summary.append((name, size, r50, r95, verdict))
+            cpu = "n/a"
+            if off.cpu_ms is not None and on.cpu_ms is not None:
+                cpu = f"{off.cpu_ms:.1f} → {on.cpu_ms:.1f}"
+            checks = []
+            for r in (off, on):
+                check = "ok" if not r.errors else f"**{r.errors} failed**: {r.first_error}"
+                if r.notes:
+                    check += " (" + "; ".join(f"{k}: {v}×" for k, v in r.notes.items()) + ")"
+                checks.append(check)
+            out.append(
+                f"| {name}: `{on.example}` | {off.matches:,.0f} → {on.matches:,.0f} "
+                f"| {_lat(off.http)} | {_lat(on.http)} | {r50:.2f}× · {r95:.2f}× | {verdict} "
+                f"| {cpu} | {fmt_ms(off.read.p50)} / {fmt_ms(on.read.p50)} | {on.http.n} "
+                f"| {' / '.join(checks)} |"
+            )
+        out += _busy(rows, size)
+    missed = [s for s in summary if s[4] != "met"]
+    out += [
+        "",
+        f"Target (on / off ≤ {CONSENT_TARGET:g}× at p50 and p95): "
+        + (
+            "met by every shape at every size."
+            if not missed
+            else "missed by "
+            + ", ".join(f"{n} at {s:,} ({a:.2f}× · {b:.2f}×)" for n, s, a, b, _ in missed)
+            + "."
+        ),
+        "",
+        "off / on = the server with `HIE_CONSENT=off` / `on` (default opt-out), the same data "
+        "directory and the same member token (purpose TREAT; members are subject to "
+        "consent, administrators are not); phases off, on, on, off, each with half of a "
+        "mode's runs. matches = what the caller may see (the mean per request; for a "
+        "read, 1). Every answer is checked against the generated Consents: no withheld "
+        "resource returned, page sizes and totals equal to the visible counts, a withheld "
+        "read 403. read = `GET /fhir/Patient/{id}` of a Patient without Consents, right "
+        "after each query. Server CPU excludes the read.",
+    ]
+    return "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1193,6 +2033,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not read the database into the OS page cache before measuring",
     )
     p.add_argument("--no-in-process", action="store_true", help="skip the service/store columns")
+    p.add_argument(
+        "--consent",
+        action="store_true",
+        help="the consent benchmark instead of the search mix: Consents and security labels "
+        "in the data (a data directory of its own), a member client, HIE_CONSENT off vs on",
+    )
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON to PATH")
     p.add_argument(
         "--from-json", metavar="PATH", help="only print the report of an earlier run's --json"
@@ -1219,7 +2065,8 @@ def report_from_json(path: str) -> str:
     sizes = [s for s in args["sizes"] if any(r.size == s for r in rows)]
     manifests = {int(s): m for s, m in data["data"].items()}
     argv = args.get("argv") or ["scripts/bench_search.py"]
-    return report(rows, sizes, manifests, data["machine"], argv)
+    make = report_consent if args.get("consent") else report
+    return make(rows, sizes, manifests, data["machine"], argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1238,7 +2085,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = ["scripts/bench_search.py", *(argv if argv is not None else sys.argv[1:])]
             sizes = [s for s in args.sizes if any(r.size == s for r in rows)]
             argv_shown = [".venv/bin/python", *shown]
-            sys.stdout.write(report(rows, sizes, manifests, info, argv_shown))
+            make = report_consent if args.consent else report
+            sys.stdout.write(make(rows, sizes, manifests, info, argv_shown))
             if args.json:
                 payload = {
                     "machine": info,
@@ -1261,10 +2109,19 @@ def measure_all(args: argparse.Namespace, rows: list[Row], manifests: dict[int, 
         data_dir, truth, manifest = prepare(args, size)
         manifest["db_mib"] = db_mib(data_dir)
         manifests[size] = manifest
+        if args.consent:
+            mix = ConsentMix(truth)
+            manifest["consent"] = mix.summary()
+            log(f"size {size:,}: consent data {manifest['consent']}")
         if args.load_only:
             continue
         if not args.no_prewarm:
             prewarm(data_dir)
+        if args.consent:
+            bench = ConsentBench(args, size, data_dir, mix)
+            bench.register()
+            bench.measure(rows)
+            continue
         runner = Runner(args, size, data_dir, truth)
         runner.rows = rows  # each shape's row is kept as soon as it is measured
         try:
