@@ -89,8 +89,6 @@ PURPOSE_PARENTS = {"ETREAT": "TREAT", "BTG": "ETREAT"}
 #: RelatedPerson and Device actors, which never call this server: a Consent naming
 #: them is refused rather than stored as a rule nobody can break.
 ACTOR_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "CareTeam", "Group"})
-#: Actors whose members are read from the store (they must exist when a Consent names them).
-RESOLVED_ACTORS = frozenset({"PractitionerRole", "CareTeam", "Group"})
 MEANINGS = frozenset({"instance", "related", "dependents", "authoredby"})
 #: Deepest provision nesting accepted (the root is level 1).
 MAX_DEPTH = 10
