@@ -379,8 +379,10 @@ class ConsentView:
     #: Reasons of the decisions taken since the last :meth:`drain` (for the audit),
     #: each with what decided (``Consent/<id>`` or a policy's name).
     reasons: dict[str, str] = field(default_factory=dict)
-    #: True once break-glass released something that was withheld.
+    #: True once break-glass released something that was withheld (the Bundle's label).
     overridden: bool = False
+    #: Break-glass released something since the last :meth:`drain` (the audit's flag).
+    _overrode: bool = False
 
     def verdict(self, version: Version) -> Verdict:
         """Whether the caller may see ``version`` and why."""
@@ -417,7 +419,7 @@ class ConsentView:
             return version
         if not self.break_glass:
             return None
-        self.overridden = True
+        self.overridden = self._overrode = True
         self.reasons[f"break-glass override of: {verdict.reason}"] = verdict.by
         return _labelled(version)
 
@@ -525,10 +527,12 @@ class ConsentView:
                 people |= self.ledger.policies[policy.consent][1]
         return frozenset(people)
 
-    def drain(self) -> dict[str, str]:
-        """The reasons recorded since the last call (for one audit record)."""
-        out, self.reasons = self.reasons, {}
-        return out
+    def drain(self) -> tuple[dict[str, str], bool]:
+        """The reasons recorded since the last call, and whether break-glass released
+        anything meanwhile (for one audit record)."""
+        out, overrode = self.reasons, self._overrode
+        self.reasons, self._overrode = {}, False
+        return out, overrode
 
 
 def _next_boundary(boundaries: Sequence[str], instant: str) -> str:

@@ -139,13 +139,15 @@ def audit_event(
     }
     if detail:
         event["outcomeDesc"] = detail[:2000]
-    reasons = principal.consent.drain() if principal and principal.consent else {}
+    reasons, overrode = (
+        principal.consent.drain() if principal and principal.consent else ({}, False)
+    )
     if principal is not None:
         event["purposeOfEvent"] = [_purpose(principal.purpose)]
         security = []
         if principal.purpose in BREAK_GLASS:
             security.append(_purpose(principal.purpose)["coding"][0])
-        if any(r.startswith("break-glass") for r in reasons) and principal.purpose != "BTG":
+        if overrode and principal.purpose != "BTG":
             security.append(BREAK_GLASS_LABEL)
         if security:
             event["meta"] = {"security": security}

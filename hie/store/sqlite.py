@@ -295,7 +295,7 @@ class _Compiler:
         self.conn = conn
         self._aliases = 0
         self._sets: dict[tuple[str, Term], tuple[str, list, bool]] = {}
-        self._small = choices if choices is not None else Choices()
+        self._choices = choices if choices is not None else Choices()
         #: Estimated ids of the last query planned (up to PROBE + 1: a scan).
         self._driving = PROBE + 1
         self._prefix = ""
@@ -338,7 +338,7 @@ class _Compiler:
         rows than :data:`FEW` or four per resource the query drives through, so that
         ``NOT IN`` its set is cheaper than checking ``term`` resource by resource."""
         key = (type_, term, self._driving >= PROBE)
-        few = self._small.get(key)
+        few = self._choices.get(key)
         if few is None:
             parts = _flat(term)
             few = all(isinstance(t, Match) and self._seekable(t) for t in parts)
@@ -349,7 +349,7 @@ class _Compiler:
                 sql, params, _ = self._set(type_, term)
                 found = self.conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {limit})", params)
                 few = found.fetchone()[0] < limit
-            self._small.put(key, few)
+            self._choices.put(key, few)
         return few
 
     @staticmethod
@@ -435,14 +435,14 @@ class _Compiler:
         if self._prefix or not isinstance(term, AnyOf | Not):
             return self._check(type_, id_expr, term)
         key = (type_, id(term), self._driving >= PROBE)
-        kept = self._small.get(key)
+        kept = self._choices.get(key)
         if kept is None or kept[0] is not term:
-            self._prefix = self._small.fragment()
+            self._prefix = self._choices.fragment()
             try:
                 kept = (term, *self._check(type_, _ID, term))
             finally:
                 self._prefix = ""
-            self._small.put(key, kept)
+            self._choices.put(key, kept)
         return kept[1].replace(_ID, id_expr), kept[2]
 
     def _check(self, type_: str, id_expr: str, term: Term) -> Frag:
