@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import math
 import os
 import platform
@@ -117,6 +118,21 @@ def tree_cpu_seconds(root: int) -> float | None:
         total += procs[pid][1]
         todo.extend(p for p, (ppid, _) in procs.items() if ppid == pid)
     return total / _CLK_TCK
+
+
+def wait_idle(pid: int, limit: float = 300.0) -> float:
+    """Seconds until process ``pid`` (and its children) stays idle for a second (under
+    5% of a core), at most ``limit``: for background work a server does after its
+    first requests."""
+    start = time.perf_counter()
+    last = tree_cpu_seconds(pid)
+    while last is not None and time.perf_counter() - start < limit:
+        time.sleep(1.0)
+        now = tree_cpu_seconds(pid)
+        if now is None or now - last < 0.05:
+            break
+        last = now
+    return time.perf_counter() - start
 
 
 def free_port() -> int:
@@ -307,3 +323,20 @@ def run_async(main: Awaitable[Any]) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def mark_index_current(service) -> None:
+    """Mark the store's search index current for ``service``'s registry, as a server does
+    after reindexing (it would otherwise reindex at start): for loaders that wrote the
+    index rows with that registry themselves."""
+
+    async def nothing(types) -> int:
+        return 0
+
+    service.engine.reindex = nothing
+    quiet = logging.getLogger("hie")
+    level, quiet.level = quiet.level, logging.ERROR  # its "reindexing" warning
+    try:
+        await service.refresh_index()
+    finally:
+        quiet.setLevel(level)

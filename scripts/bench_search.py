@@ -59,7 +59,6 @@ import bisect
 import datetime as dt
 import hashlib
 import itertools
-import logging
 import math
 import os
 import random
@@ -89,9 +88,11 @@ from bench_common import (
     log,
     machine_busy_seconds,
     machine_info,
+    mark_index_current,
     parse_size,
     percentile,
     run_async,
+    wait_idle,
 )
 
 GENERATOR_VERSION = 1  # bump when the generated data changes (invalidates caches)
@@ -825,15 +826,7 @@ async def load(data_dir: Path, gen: Generator, batch_size: int) -> dict[str, Any
             await pending
         await store.commit(batch)
         done += len(batch)
-        # Stamp the index as current, as the server would after reindexing (it would
-        # otherwise reindex everything at startup): refresh_index with a no-op reindex.
-        service.engine.reindex = _no_reindex
-        quiet = logging.getLogger("hie")
-        level, quiet.level = quiet.level, logging.ERROR  # its "reindexing" warning
-        try:
-            await service.refresh_index()
-        finally:
-            quiet.setLevel(level)
+        await mark_index_current(service)
         seconds = time.perf_counter() - t0
         await store._run_write(lambda: store._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
     finally:
@@ -845,10 +838,6 @@ async def load(data_dir: Path, gen: Generator, batch_size: int) -> dict[str, Any
         "build_seconds": round(build_s, 1),
         "batch": batch_size,
     }
-
-
-async def _no_reindex(types) -> int:
-    return 0
 
 
 def prewarm(data_dir: Path) -> None:
@@ -1591,6 +1580,8 @@ class ConsentBench:
     def __init__(self, args: argparse.Namespace, size: int, data_dir: Path, mix: ConsentMix):
         self.args, self.size, self.data_dir, self.mix = args, size, data_dir, mix
         self.server: Server | None = None
+        #: per mode, seconds from the end of each phase's warm-up until the server idled
+        self.settle: dict[str, list[float]] = {}
 
     def env(self, mode: str) -> dict[str, str]:
         return clean_env(HIE_DATA_DIR=str(self.data_dir), HIE_AUTH="on", HIE_CONSENT=mode)
@@ -1660,11 +1651,17 @@ class ConsentBench:
                 headers = {"Authorization": f"Bearer {self.token}", "Accept": FHIR_JSON}
                 base = f"{self.server.url}/fhir"
                 with httpx.Client(base_url=base, headers=headers, timeout=600) as client:
+                    # Every shape once first, then until the server's background work
+                    # (computing callers' withheld sets) is done: the steady state.
+                    for shape in shapes:
+                        for case in plan[shape.name][0]:
+                            self.one(client, shape, case, mode, None, None)
+                    settled = wait_idle(self.server.proc.pid)
+                    self.settle.setdefault(mode, []).append(settled)
+                    log(f"  warmed up; the server was idle {settled:.1f} s later")
                     for shape in shapes:
                         warm, measured = plan[shape.name]
                         a = acc[shape.name, mode]
-                        for case in warm:
-                            self.one(client, shape, case, mode, None, None)
                         busy0, own0 = machine_busy_seconds(), time.process_time()
                         t0 = time.perf_counter()
                         mine, done = measured[chunk::chunks], len(a.q_lat)
@@ -1937,6 +1934,17 @@ def report_consent(
             f"| {m.get('db_mib', load_.get('db_mib', 0)):,.0f} MiB "
             f"| {load_['seconds']:,.0f} s ({m['loaded_at']}) |"
         )
+    for size in sizes:
+        settle = manifests[size].get("settle")
+        if settle:
+            out += [
+                "",
+                f"{size:,}: after each phase's warm-up (every query shape once) the server "
+                "was idle (its background work, such as computing the caller's withheld sets, "
+                "done) after "
+                + "; ".join(f"{m} {', '.join(f'{x} s' for x in v)}" for m, v in settle.items())
+                + ". Measuring starts then.",
+            ]
     by = {(r.size, r.shape, r.consent): r for r in rows}
     summary = []
     for size in sizes:
@@ -2121,6 +2129,7 @@ def measure_all(args: argparse.Namespace, rows: list[Row], manifests: dict[int, 
             bench = ConsentBench(args, size, data_dir, mix)
             bench.register()
             bench.measure(rows)
+            manifest["settle"] = {m: [round(x, 1) for x in v] for m, v in bench.settle.items()}
             continue
         runner = Runner(args, size, data_dir, truth)
         runner.rows = rows  # each shape's row is kept as soon as it is measured

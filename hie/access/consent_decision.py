@@ -121,10 +121,10 @@ async def decide(state, principal: Principal, patient_id: str, items) -> dict:
         total = (await state.store.search(t, (mine,), count=0)).total
         if not total and not asked:
             continue
-        term = view.term(t) if book.enabled else None
+        terms = await view.terms(t) if book.enabled else ()
         visible = total
-        if term is not None and total:
-            visible = (await state.store.search(t, (mine, term), count=0)).total
+        if terms and total:
+            visible = (await state.store.search(t, (mine, *terms), count=0)).total
         formula = rules.permit_formula(
             policies, accessor, t, view.ledger.actors, view.ledger.related
         )

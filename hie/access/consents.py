@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 import orjson
@@ -42,13 +44,15 @@ from hie.access.patients import PatientLinks
 from hie.access.principal import ADMIN, Principal
 from hie.access.purpose import BREAK_GLASS, BREAK_GLASS_LABEL
 from hie.fhir.errors import FhirError, error
-from hie.fhir.search.dates import now
+from hie.fhir.search.dates import fmt, now
 from hie.fhir.search.extract import reference_key, value_rows
 from hie.fhir.search.mdm import SamePerson
 from hie.fhir.search.registry import Registry, care_date
 from hie.mpi.records import LINK_TYPE
 from hie.store import Store, Version
-from hie.store.query import AnyOf, IdIn, Match, Not, Term
+from hie.store.query import AnyOf, Cond, IdIn, IdSet, Match, Not, Term
+
+log = logging.getLogger("hie.access")
 
 #: Outbox types whose changes can change a decision.
 WATCHED = frozenset({"Consent", "HieMpiLink", "CareTeam", "PractitionerRole", "Group"})
@@ -58,6 +62,23 @@ OWN = "records written by the caller's organisation"
 MAX_FILTERS = 10_000
 #: Types decided by their own rules: audit records are for auditors.
 EXEMPT_TYPES = frozenset({"AuditEvent"})
+#: Most resources of a type one caller's withheld set holds; with more, the store
+#: decides each resource by the consent formula instead.
+MAX_WITHHELD = 100_000
+#: Changed resources remembered per type to bring withheld sets up to date; when
+#: older changes are forgotten, a set is computed afresh.
+MAX_TOUCHED = 100_000
+#: Withheld sets up to this size are written into each query; larger ones are kept by
+#: the store between queries (an IdSet).
+INLINE_IDS = 100
+#: Most resources of a type changed since a withheld set was computed that the store
+#: decides by the formula beside the set; from half of it the set is computed afresh
+#: in the background, and past it the formula decides every resource until then.
+MAX_CHANGED = 2000
+#: Longest a write may take from being planned (its ``meta.lastUpdated``) to being
+#: committed. Resources last updated less than this before a withheld set was brought
+#: up to date may be missing from it, so the store decides them by the formula.
+SETTLE = timedelta(minutes=15)
 
 Person = Callable[[str], Awaitable[object]]
 
@@ -83,8 +104,38 @@ class Ledger:
         return {}
 
 
+@dataclass(frozen=True)
+class Filter:
+    """The store filter of one caller and type: ``term`` (None: nothing withheld),
+    built from ``visible`` (the permit formula as a term) and ``suspect`` (what it can
+    withhold at all; None: anything), valid until ``until``; ``deciding``: the
+    audit's reason."""
+
+    until: str
+    term: Term | None
+    visible: Term | None
+    suspect: Term | None
+    deciding: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """The ids of one type that one caller may not see (None: more than
+    :data:`MAX_WITHHELD`), as of outbox position ``seq``, valid until ``until``."""
+
+    until: str
+    seq: int
+    ids: frozenset[str] | None
+    #: the store term of ``ids`` (None: empty): a few inline, many as an IdSet
+    term: Term | None = None
+
+
 class ConsentBook:
-    """The active patient-privacy Consents by person, following the store's outbox."""
+    """The active patient-privacy Consents by person, following the store's outbox.
+
+    Besides the Consents it remembers which resources changed (outbox events of other
+    types), so that the sets of resources a caller may not see (:class:`Withheld`)
+    are brought up to date by deciding only those again."""
 
     def __init__(
         self,
@@ -106,19 +157,41 @@ class ConsentBook:
         self.enabled = enabled
         self._ledger = Ledger()
         self._seq: int | None = None
+        #: type -> (outbox seq, id) of its changed resources, oldest first
+        self._touched: dict[str, list[tuple[int, str]]] = {}
+        #: type -> the seq up to which changes of that type were forgotten
+        self._forgot: dict[str, int] = {}
+        self._touched_seq = 0
+        #: withheld sets being computed, by key
+        self.computing: dict[tuple, asyncio.Task] = {}
+        #: when the book last started reading the outbox that it read to its end
+        self.synced = datetime.now(UTC)
         self._lock = asyncio.Lock()
         self._shapes: dict[str, TypeShape] = {}
 
     # ------------------------------------------------------------ keeping current
+    @property
+    def store(self) -> Store:
+        """The store the book follows."""
+        return self._store
+
+    @property
+    def seq(self) -> int:
+        """The outbox position the book has read up to."""
+        return self._seq or 0
+
     async def current(self) -> Ledger:
         """The ledger with every change the outbox shows applied."""
+        synced = datetime.now(UTC)
         if self._seq is not None and not await self._changed():
+            self.synced = max(self.synced, synced)
             return self._ledger
         async with self._lock:
             if self._seq is None:
                 await self._load()
             else:
                 await self._follow()
+        self.synced = max(self.synced, synced)
         return self._ledger
 
     async def _changed(self) -> bool:
@@ -126,10 +199,33 @@ class ConsentBook:
         if any(e.type in WATCHED for e in events):
             return True
         if events:
+            self._touch(events)
             self._seq = max(self._seq, events[-1].seq)
             if len(events) == 1000:
                 return await self._changed()
         return False
+
+    def _touch(self, events: Sequence) -> None:
+        """Remember the resources ``events`` changed (see :meth:`touched_since`)."""
+        for event in events:
+            if event.type in WATCHED or event.seq <= self._touched_seq:
+                continue
+            self._touched_seq = event.seq
+            changes = self._touched.setdefault(event.type, [])
+            changes.append((event.seq, event.id))
+            if len(changes) > MAX_TOUCHED:
+                half = len(changes) // 2
+                self._forgot[event.type] = changes[half - 1][0]
+                del changes[:half]
+
+    def touched_since(self, type_: str, seq: int) -> frozenset[str] | None:
+        """Ids of ``type_`` resources changed after outbox position ``seq`` (up to
+        :attr:`seq`); None when some of those changes were forgotten."""
+        if self._forgot.get(type_, -1) > seq:
+            return None
+        changes = self._touched.get(type_, ())
+        start = bisect.bisect_right(changes, (seq, "\U0010ffff"))
+        return frozenset(i for _, i in changes[start:])
 
     async def _load(self) -> None:
         """Read every Consent (at startup, or once the outbox lost track)."""
@@ -152,6 +248,7 @@ class ConsentBook:
         policies = dict(ledger.policies)
         actors, dirty = dict(ledger.actors), False
         while events := await self._store.events_after(self._seq, 1000):
+            self._touch(events)
             for event in events:
                 if event.type == "Consent":
                     dirty = True
@@ -273,6 +370,11 @@ class ConsentBook:
         if found is None or found.body is None:
             return frozenset()
         return frozenset(_references(orjson.loads(found.body), self._base))
+
+    async def idle(self) -> None:
+        """Wait until no withheld set is being computed (for tests and shutdown)."""
+        while self.computing:
+            await asyncio.gather(*self.computing.values(), return_exceptions=True)
 
     # ------------------------------------------------------------ writes
     async def validate(self, resource: dict) -> None:
@@ -423,22 +525,115 @@ class ConsentView:
         self.reasons[f"break-glass override of: {verdict.reason}"] = verdict.by
         return _labelled(version)
 
-    def term(self, type_: str, query: Sequence[Term] = ()) -> Term | None:
-        """A store query term leaving out what the caller may not see of the
-        ``type_`` resources ``query`` finds; None when nothing is left out
-        (break-glass, audit records). A query restricted to some patients gets a
-        filter about them only; the Consents of the patients it names are recorded."""
+    async def terms(self, type_: str, query: Sequence[Term] = ()) -> tuple[Term, ...]:
+        """Store query terms leaving out what the caller may not see of the ``type_``
+        resources ``query`` finds; none when nothing is left out (break-glass, audit
+        records). The Consents of the patients ``query`` names are recorded.
+
+        With the caller's :class:`Withheld` set at hand, a resource is visible when it
+        is not in the set, unless it changed since the set was computed or too
+        recently for the set to be sure of it (:data:`SETTLE`): those the store
+        decides by the permit formula. The set costs one lookup per resource, the
+        formula many. Without the set (being computed, or too large), the formula
+        decides every resource: restricted to the patients ``query`` names, if it
+        names some."""
         if self.break_glass or type_ in EXEMPT_TYPES:
-            return None
-        ledger, acc = self.ledger, self.accessor
+            return ()
         named = self._named(type_, query)
         if named is not None:
             self.note_patients(named)
-        key = (acc.organization, acc.purpose, acc.user, acc.user_role, acc.default, type_)
+        whole = self._filter(type_, None)
+        self._note(whole.deciding)
+        if whole.term is None:
+            return ()
+        formula = whole.term if named is None else self._filter(type_, named).term
+        if formula is None:
+            return ()
+        kept, dirty = self._withheld(type_, whole)
+        if kept is None:
+            return (formula,)
+        # to the minute before, so that the terms (and their compiled SQL) are reused
+        settled = fmt((self.book.synced - SETTLE).replace(second=0, microsecond=0))
+        key = ("terms", *self._key(type_), named)
+        cached = self.ledger.filters.get(key)
+        if (
+            cached is not None
+            and cached[0] is kept
+            and cached[1] == dirty
+            and cached[2] == settled
+            and cached[3] is formula
+        ):
+            return cached[4]
+        changed: Term = Match("_lastUpdated", (Cond("high", "ge", settled),))
+        if dirty:
+            changed = AnyOf((changed, IdIn(tuple(sorted(dirty)))))
+        terms: tuple[Term, ...] = (AnyOf((Not(changed), formula)),)
+        if kept.term is not None:
+            terms += (AnyOf((Not(kept.term), changed)),)
+        self._keep(key, (kept, dirty, settled, formula, terms))
+        return terms
+
+    def _withheld(self, type_: str, whole: Filter) -> tuple[Withheld | None, frozenset[str]]:
+        """The caller's withheld set of ``type_`` and the resources changed since it
+        was computed; no set while it is computed (in the background), when it is
+        too large to be worth it, or when too much changed since."""
+        key = ("withheld", *self._key(type_))
+        kept = self.ledger.filters.get(key)
+        if kept is None or kept.until < self.accessor.now:
+            self._compute(key, type_, whole)
+            return None, frozenset()
+        if kept.ids is None:
+            return None, frozenset()
+        dirty = self.book.touched_since(type_, kept.seq)
+        if dirty is None or len(dirty) > MAX_CHANGED:
+            self._compute(key, type_, whole)
+            return None, frozenset()
+        if len(dirty) > MAX_CHANGED // 2:  # compute afresh before the changes pile up
+            self._compute(key, type_, whole)
+        return kept, dirty
+
+    def _compute(self, key: tuple, type_: str, whole: Filter) -> None:
+        """Compute the caller's withheld set of ``type_`` in the background (once)."""
+        book = self.book
+        if key in book.computing:
+            return
+        seq = book.seq
+
+        async def compute() -> None:
+            try:
+                ids = await self._decide(type_, whole)
+                term = None
+                if ids:
+                    term = IdSet(ids) if len(ids) > INLINE_IDS else IdIn(tuple(sorted(ids)))
+                self._keep(key, Withheld(whole.until, seq, ids, term))
+            except Exception:
+                log.exception("computing a withheld set of %s failed", type_)
+            finally:
+                book.computing.pop(key, None)
+
+        book.computing[key] = asyncio.create_task(compute())
+
+    async def _decide(self, type_: str, whole: Filter) -> frozenset[str] | None:
+        """The ids of the ``type_`` resources the caller may not see, by the store's
+        filter; None when more than :data:`MAX_WITHHELD`."""
+        query: tuple[Term, ...] = (Not(whole.visible),)
+        if whole.suspect is not None:
+            query = (whole.suspect, *query)
+        found = await self.book.store.match_ids(type_, query, limit=MAX_WITHHELD + 1)
+        return frozenset(i for i, _ in found) if len(found) <= MAX_WITHHELD else None
+
+    def _key(self, type_: str) -> tuple:
+        acc = self.accessor
+        return (acc.organization, acc.purpose, acc.user, acc.user_role, acc.default, type_)
+
+    def _filter(self, type_: str, named: frozenset[str] | None) -> Filter:
+        """The consent formula of ``type_`` for the caller as a store filter (about
+        the ``named`` patients only, when given)."""
+        ledger, acc = self.ledger, self.accessor
+        key = self._key(type_)
         cached = ledger.filters.get((*key, named))
-        if cached is not None and cached[0] >= acc.now:
-            self._note(cached[2])
-            return cached[1]
+        if cached is not None and cached.until >= acc.now:
+            return cached
         groups, consents = self._groups(key, type_)
         consented = frozenset(p for refs in groups.values() for p in refs)
         shape = self.book.shape(type_)
@@ -456,16 +651,17 @@ class ConsentView:
             mine = {f: refs & named for f, refs in groups.items() if refs & named}
             formula = visible_formula(acc, mine, consented, consented - named, named)
             suspects = rules.TRUE  # a few patients' resources: no prefilter
-        term = None
+        term = visible = suspect = None
         if formula != rules.TRUE and suspects != rules.FALSE:
-            term = to_term(formula, shape, MEMBER_TAG_SYSTEM)
+            term = visible = to_term(formula, shape, MEMBER_TAG_SYSTEM)
         if term is not None and suspects != rules.TRUE:
             # Only suspects can be withheld: "not a suspect" settles most resources
             # with one lookup in a small set, before the full decision.
-            term = AnyOf((Not(to_term(suspects, shape, MEMBER_TAG_SYSTEM)), term))
-        self._keep((*key, named), (_next_boundary(ledger.boundaries, acc.now), term, deciding))
-        self._note(deciding)
-        return term
+            suspect = to_term(suspects, shape, MEMBER_TAG_SYSTEM)
+            term = AnyOf((Not(suspect), term))
+        found = Filter(_next_boundary(ledger.boundaries, acc.now), term, visible, suspect, deciding)
+        self._keep((*key, named), found)
+        return found
 
     def _groups(self, key: tuple, type_: str) -> tuple[dict[Formula, frozenset[str]], set[str]]:
         """The patients whose Consents give ``type_`` resources another permit formula

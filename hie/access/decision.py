@@ -161,29 +161,28 @@ def require_visible(principal: Principal, version: Version) -> Version:
     return shown
 
 
-def consent_filter(principal: Principal, type_: str, query: Query) -> Query:
+async def consent_filter(principal: Principal, type_: str, query: Query) -> Query:
     """``query`` over ``type_`` narrowed to what the patients' consent lets
     ``principal`` see: the resources it finds, and those its chains and ``_has``
     conditions look through (a withheld resource must not make a search match)."""
     view = principal.consent
-    return query if view is None else _narrowed(view, type_, query)
+    return query if view is None else await _narrowed(view, type_, query)
 
 
-def _narrowed(view: ConsentView, type_: str, query: Query) -> Query:
-    out = tuple(_guarded(view, t) for t in query)
-    term = view.term(type_, query)
-    return out if term is None else (*out, term)
+async def _narrowed(view: ConsentView, type_: str, query: Query) -> Query:
+    out = tuple([await _guarded(view, t) for t in query])
+    return (*out, *await view.terms(type_, query))
 
 
-def _guarded(view: ConsentView, term: Term) -> Term:
+async def _guarded(view: ConsentView, term: Term) -> Term:
     if isinstance(term, Chain):
-        return replace(term, query=_narrowed(view, term.target, term.query))
+        return replace(term, query=await _narrowed(view, term.target, term.query))
     if isinstance(term, Has):
-        return replace(term, query=_narrowed(view, term.type, term.query))
+        return replace(term, query=await _narrowed(view, term.type, term.query))
     if isinstance(term, AnyOf):
-        return AnyOf(tuple(_guarded(view, t) for t in term.terms))
+        return AnyOf(tuple([await _guarded(view, t) for t in term.terms]))
     if isinstance(term, Not):
-        return Not(_guarded(view, term.term))
+        return Not(await _guarded(view, term.term))
     return term
 
 

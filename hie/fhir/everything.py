@@ -144,7 +144,7 @@ async def _first_page(
     }
     count = ask.count if ask.count is not None else service.settings.max_count
     req = SearchRequest((), count, types=state["types"])
-    found = await service.engine.search(_filtered(principal, registry, state), req, state)
+    found = await service.engine.search(await _filtered(principal, registry, state), req, state)
     bundle, shown = await _bundle(service.engine, principal, found, state, base)
     self_query = [*ask.used, ("_count", str(count))]
     bundle["link"].insert(0, {"relation": "self", "url": _url(base, patient_id, self_query)})
@@ -255,12 +255,12 @@ def queries(registry: Registry, state: dict) -> dict[str, Query]:
     return out
 
 
-def _filtered(principal: Principal, registry: Registry, state: dict) -> dict[str, Query]:
+async def _filtered(principal: Principal, registry: Registry, state: dict) -> dict[str, Query]:
     """:func:`queries` with what the patients' consent withholds from the caller left
     out in the store."""
     if principal.consent is not None:
         principal.consent.note_patients([f"Patient/{state['patient']}"])
-    return {t: consent_filter(principal, t, q) for t, q in queries(registry, state).items()}
+    return {t: await consent_filter(principal, t, q) for t, q in queries(registry, state).items()}
 
 
 def _member(param: str | None, patient: str, mdm: bool):

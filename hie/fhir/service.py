@@ -296,13 +296,14 @@ class FhirService:
             "base": base,
             "consent": consent_state(principal),
         }
-        found = await self.engine.search(self._queries(principal, req, compartment), req, state)
+        queries = await self._queries(principal, req, compartment)
+        found = await self.engine.search(queries, req, state)
         found.matches = released(principal, found.matches)
         if req.total == "none":
             found.total = None
         return found
 
-    def _queries(
+    async def _queries(
         self, principal: Principal, req: SearchRequest, compartment: tuple[str, str] | None
     ) -> dict[str, Query]:
         """One store query per type searched (compartment membership added, and what
@@ -322,10 +323,10 @@ class FhirService:
                 if not links:
                     continue
                 query = (AnyOf(links) if len(links) > 1 else links[0],) + query
-            queries[t] = consent_filter(principal, t, query)
+            queries[t] = await consent_filter(principal, t, query)
         return queries
 
-    def _rebuild(self, principal: Principal, state: dict) -> dict[str, Query]:
+    async def _rebuild(self, principal: Principal, state: dict) -> dict[str, Query]:
         """The queries of a search from the state its snapshot keeps."""
         compartment = tuple(state["compartment"]) if state["compartment"] else None
         req = parse_search(
@@ -338,7 +339,7 @@ class FhirService:
             types=state["types"],
             base=state["base"],
         )
-        return self._queries(principal, req, compartment)
+        return await self._queries(principal, req, compartment)
 
     async def search_page(
         self,
@@ -452,7 +453,7 @@ class FhirService:
         req = self.parse(type_, items, strict=True)
         if not req.query:
             raise error(400, "invalid", f"The condition on {type_} has no search criteria")
-        query = consent_filter(principal, type_, await self.engine.expand(req.query))
+        query = await consent_filter(principal, type_, await self.engine.expand(req.query))
         query += (Not(IdIn(tuple(exclude))),) if exclude else ()
         if members_only and type_ == "Patient":
             query += (Not(GOLDEN),)

@@ -99,6 +99,7 @@ from hie.store.query import (
     Cond,
     Has,
     IdIn,
+    IdSet,
     IndexRow,
     Match,
     Not,
@@ -151,7 +152,7 @@ def to_filter(query: Query) -> dict[str, Any]:
 def _term(term: Term) -> dict[str, Any]:
     if isinstance(term, Match):
         return {"idx": {"$elemMatch": _match(term)}}
-    if isinstance(term, IdIn):
+    if isinstance(term, IdIn | IdSet):
         return {"_id": {"$in": list(term.ids)}}
     if isinstance(term, AnyOf):
         return {"$or": [_term(t) for t in term.terms]} if term.terms else {"_id": {"$in": []}}

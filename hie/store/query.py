@@ -102,6 +102,15 @@ class IdIn:
     ids: tuple[str, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class IdSet:
+    """The resource's logical id is in ``ids``: a large set that many queries reuse.
+    Compared by identity, so that a store may keep it between queries (the embedded
+    store as a temporary table of each connection): build a new one when it changes."""
+
+    ids: frozenset[str]
+
+
 @dataclass(frozen=True, slots=True)
 class AnyOf:
     """At least one of ``terms`` holds."""
@@ -144,7 +153,7 @@ class Sort:
     descending: bool = False
 
 
-Term = Match | IdIn | AnyOf | Not | Chain | Has
+Term = Match | IdIn | IdSet | AnyOf | Not | Chain | Has
 Query = tuple[Term, ...]
 
 

@@ -15,7 +15,9 @@ Search plan. Each query term has two SQL forms: a *set* (an uncorrelated ``SELEC
 matching ids, answered from a ``search_index`` index) and a *check* (an ``EXISTS``
 correlated with one resource id, answered through the ``(type, id, param)`` index). A
 negated term whose set is small is checked as ``id NOT IN (set)``: the set is built
-once per statement instead of probed per resource (the consent filter's shape).
+once per statement instead of probed per resource (the consent filter's shape). An
+``IdSet`` (a large id set many queries reuse: a caller's withheld resources) is a
+temporary table of each reader connection, filled once (:class:`TempSets`).
 The term expected to match least (a capped ``count`` probe of its set, see
 :data:`PROBE`) drives: its set is materialised and every other term is checked per
 id, so cost follows the smallest set, not the number of resources. ``prefix`` is an
@@ -50,6 +52,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +76,7 @@ from hie.store.query import (
     Cond,
     Has,
     IdIn,
+    IdSet,
     IndexRow,
     Match,
     Not,
@@ -153,6 +157,8 @@ _CHANGED_IN_1 = ("resources_lu", "search_text", "search_low", "search_high", "se
 PROBE = 5000
 #: A negated term whose set has fewer rows is checked with ``NOT IN`` that set.
 FEW = 1000
+#: Prepared statements each connection keeps (sqlite3's default is 128).
+STATEMENTS = 1024
 #: Stands for the checked resource's id in a kept compiled fragment.
 _ID = "\x00id\x00"
 #: How long, and for how many terms, plan choices are remembered (see Choices).
@@ -182,7 +188,15 @@ def _version(row: tuple) -> Version:
 
 
 def _connect(path: Path, synchronous: str, cache_mb: int) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=30,
+        # prepared statements kept per connection: a compartment search ($everything)
+        # runs two per resource type, and compiled consent filters are long to prepare
+        cached_statements=STATEMENTS,
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -287,15 +301,65 @@ class Choices:
             self._found[key] = (value, time.monotonic() + CHOICE_SECONDS)
 
 
+class TempSets:
+    """:class:`IdSet` terms kept in a temporary table (``idsets``: set number, id) of
+    each connection that runs a query naming them, filled once per connection and set
+    and emptied once the set is gone: a probe of a kept B-tree instead of a set built
+    per statement. Rows come and go, the table stays, so prepared statements stay."""
+
+    def __init__(self) -> None:
+        self._numbers: weakref.WeakKeyDictionary[IdSet, int] = weakref.WeakKeyDictionary()
+        self._count = itertools.count()
+        #: connection -> {set number: the set it holds}
+        self._held: dict[sqlite3.Connection, dict[int, weakref.ref]] = {}
+        self._lock = threading.Lock()
+
+    def number(self, conn: sqlite3.Connection, term: IdSet) -> int:
+        """The set number of ``term``'s rows in ``conn``'s table (filled now if need be)."""
+        with self._lock:
+            number = self._numbers.get(term)
+            if number is None:
+                number = self._numbers[term] = next(self._count)
+            held = self._held.get(conn)
+            if held is None:
+                held = self._held[conn] = {}
+        if number not in held:
+            conn.execute("PRAGMA query_only=OFF")  # a reader's guard; temp tables only
+            try:
+                if not held:
+                    conn.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS idsets (n INTEGER, id TEXT,"
+                        " PRIMARY KEY (n, id)) WITHOUT ROWID"
+                    )
+                for old in [n for n, ref in held.items() if ref() is None]:
+                    conn.execute("DELETE FROM temp.idsets WHERE n = ?", (old,))
+                    del held[old]
+                conn.executemany(
+                    "INSERT INTO temp.idsets VALUES (?, ?)", ((number, i) for i in term.ids)
+                )
+            finally:
+                conn.execute("PRAGMA query_only=ON")
+            held[number] = weakref.ref(term)
+        return number
+
+
 class _Compiler:
     """Translates store queries into SQL for one read; probes set sizes through
     ``conn`` to pick each query's driving term (see the module docstring)."""
 
-    def __init__(self, conn: sqlite3.Connection, choices: Choices | None = None):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        choices: Choices | None = None,
+        temp: TempSets | None = None,
+    ):
         self.conn = conn
         self._aliases = 0
         self._sets: dict[tuple[str, Term], tuple[str, list, bool]] = {}
         self._choices = choices if choices is not None else Choices()
+        self._temp = temp if temp is not None else TempSets()
+        #: the IdSets the SQL compiled so far names (kept with cached fragments)
+        self._named: list[IdSet] = []
         #: Estimated ids of the last query planned (up to PROBE + 1: a scan).
         self._driving = PROBE + 1
         self._prefix = ""
@@ -305,6 +369,22 @@ class _Compiler:
         return f"{self._prefix}{prefix}{self._aliases}"
 
     # --- planning ------------------------------------------------------------------
+
+    def prune(self, type_: str, query: Query) -> Query:
+        """``query`` without the terms that hold for every resource in this read: an
+        alternative "not M" with no resource matching M (such as "not changed lately,
+        or else decided by the consent formula" when nothing changed lately)."""
+        return tuple(t for t in query if not self._vacuous(type_, t))
+
+    def _vacuous(self, type_: str, term: Term) -> bool:
+        if not isinstance(term, AnyOf):
+            return False
+        for alt in term.terms:
+            if isinstance(alt, Not) and isinstance(alt.term, Match) and self._seekable(alt.term):
+                sql, params, _ = self._set(type_, alt.term)
+                if self.conn.execute(f"SELECT 1 FROM ({sql}) LIMIT 1", params).fetchone() is None:
+                    return True
+        return False
 
     def plan(self, type_: str, query: Query) -> tuple[int | None, int]:
         """The index of the driving term (None: scan the type) and its estimated size."""
@@ -341,8 +421,10 @@ class _Compiler:
         few = self._choices.get(key)
         if few is None:
             parts = _flat(term)
-            few = all(isinstance(t, Match) and self._seekable(t) for t in parts)
-            if few and any(c.op == "nin" for t in parts for c in t.conds):
+            few = all(
+                isinstance(t, IdIn) or (isinstance(t, Match) and self._seekable(t)) for t in parts
+            )
+            if few and any(c.op == "nin" for t in parts for c in getattr(t, "conds", ())):
                 few = False  # "all but these": large
             if few:  # a set up to 4 rows per resource to check is cheaper than probing
                 limit = max(FEW, 4 * self._driving)
@@ -393,11 +475,14 @@ class _Compiler:
             tables, where, params, id_col = self._match(type_, term, correlated=False)
             return f"SELECT {id_col} AS id FROM {tables} WHERE {where}", params, True
         if isinstance(term, IdIn):
-            marks = ", ".join("?" * len(term.ids))
+            marks, values = _values(term.ids)
             sql = (
                 f"SELECT id FROM resources WHERE type = ? AND body IS NOT NULL AND id IN ({marks})"
             )
-            return sql, [type_, *term.ids], True
+            return sql, [type_, *values], True
+        if isinstance(term, IdSet):
+            sql = "SELECT r.id FROM temp.idsets s JOIN resources r ON r.type = ? AND r.id = s.id"
+            return f"{sql} WHERE s.n = ? AND r.body IS NOT NULL", [type_, self._idset(term)], True
         if isinstance(term, AnyOf):
             if not term.terms:
                 return "SELECT NULL AS id WHERE 0", [], True
@@ -438,12 +523,20 @@ class _Compiler:
         kept = self._choices.get(key)
         if kept is None or kept[0] is not term:
             self._prefix = self._choices.fragment()
+            mark = len(self._named)
             try:
-                kept = (term, *self._check(type_, _ID, term))
+                kept = (term, *self._check(type_, _ID, term), tuple(self._named[mark:]))
             finally:
                 self._prefix = ""
             self._choices.put(key, kept)
+        else:
+            for idset in kept[3]:  # this connection may not hold them yet
+                self._idset(idset)
         return kept[1].replace(_ID, id_expr), kept[2]
+
+    def _idset(self, term: IdSet) -> int:
+        self._named.append(term)
+        return self._temp.number(self.conn, term)
 
     def _check(self, type_: str, id_expr: str, term: Term) -> Frag:
         if isinstance(term, Match):
@@ -453,7 +546,11 @@ class _Compiler:
             tables, where, params, id_col = self._match(type_, term, correlated=True)
             return f"EXISTS (SELECT 1 FROM {tables} WHERE {where} AND {id_col} = {id_expr})", params
         if isinstance(term, IdIn):
-            return f"{id_expr} IN ({', '.join('?' * len(term.ids))})", list(term.ids)
+            marks, values = _values(term.ids)
+            return f"{id_expr} IN ({marks})", values
+        if isinstance(term, IdSet):  # a probe of the set's rows, not the set built
+            sql = f"EXISTS (SELECT 1 FROM temp.idsets WHERE n = ? AND id = {id_expr})"
+            return sql, [self._idset(term)]
         if isinstance(term, AnyOf):
             if not term.terms:
                 return "0", []
@@ -553,9 +650,8 @@ class _Compiler:
             negate = "NOT " if op == "nin" else ""
             if not values:
                 return ("0" if op == "in" else f"{col} IS NOT NULL"), []
-            if len(values) > _INLINE_VALUES:  # one parameter however long the list
-                return f"{col} {negate}IN (SELECT value FROM json_each(?))", [json.dumps(values)]
-            return f"{col} {negate}IN ({', '.join('?' * len(values))})", values
+            marks, params = _values(values)
+            return f"{col} {negate}IN ({marks})", params
         if op not in _SQL_OPS:
             raise ValueError(f"unknown operator {op!r}")
         return f"{col} {_SQL_OPS[op]} ?", [float(value) if number else value]
@@ -724,6 +820,7 @@ class SqliteStore(Store):
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._choices = Choices()
+        self._temp = TempSets()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -907,12 +1004,13 @@ class SqliteStore(Store):
         offset: int = 0,
     ) -> Page:
         def run(conn: sqlite3.Connection) -> Page:
-            compiler = _Compiler(conn, self._choices)
-            plan = compiler.plan(type_, query)
-            total = compiler.count(type_, query, plan[0])
+            compiler = _Compiler(conn, self._choices, self._temp)
+            pruned = compiler.prune(type_, query)  # this read's snapshot: exact
+            plan = compiler.plan(type_, pruned)
+            total = compiler.count(type_, pruned, plan[0])
             if count <= 0 or total <= offset:
                 return Page([], total)
-            found = compiler.page(type_, query, plan, sort, count, offset)
+            found = compiler.page(type_, pruned, plan, sort, count, offset)
             return Page(_read_many(conn, type_, [id_ for id_, _ in found]), total)
 
         return await self._run_read(run)
@@ -923,8 +1021,9 @@ class SqliteStore(Store):
         def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             if limit <= 0:
                 return []
-            compiler = _Compiler(conn, self._choices)
-            return compiler.page(type_, query, compiler.plan(type_, query), sort, limit, 0)
+            compiler = _Compiler(conn, self._choices, self._temp)
+            pruned = compiler.prune(type_, query)  # this read's snapshot: exact
+            return compiler.page(type_, pruned, compiler.plan(type_, pruned), sort, limit, 0)
 
         return await self._run_read(run)
 
@@ -1077,6 +1176,14 @@ def _read_many(conn: sqlite3.Connection, type_: str, ids: list[str]) -> list[Ver
         )
         found.update((row[1], _version(row)) for row in rows)
     return [found[id_] for id_ in ids if id_ in found]
+
+
+def _values(values: Sequence) -> tuple[str, list]:
+    """The right-hand side of ``IN (...)`` for ``values`` and its parameters: inline
+    marks for a few, one JSON parameter made a set once per statement for many."""
+    if len(values) > _INLINE_VALUES:
+        return "SELECT value FROM json_each(?)", [json.dumps(list(values))]
+    return ", ".join("?" * len(values)), list(values)
 
 
 def _flat(term: Term) -> list[Term]:

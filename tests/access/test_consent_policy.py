@@ -11,15 +11,17 @@ import orjson
 import pytest
 
 from hie.access import consent as rules
+from hie.access import consents
 from hie.access.consent import Accessor, Policy, Provision
 from hie.access.consents import ConsentBook, ConsentView, Ledger
 from hie.access.decision import MEMBER_TAG_SYSTEM
 from hie.access.patients import PatientLinks
 from hie.fhir.errors import FhirError
+from hie.fhir.search.dates import now
 from hie.fhir.search.extract import index_rows
 from hie.fhir.search.registry import default_registry
 from hie.store import Version, Write
-from hie.store.query import Cond, Match
+from hie.store.query import AnyOf, Cond, Match
 from tests.conftest import make_store
 from tests.store.oracle import evaluate
 
@@ -302,15 +304,23 @@ def random_observation(rng: random.Random, n: int, obs_ids) -> dict:
     return body
 
 
+async def _settled(view: ConsentView):
+    """The view's Observation terms once its withheld set is computed."""
+    await view.book.idle()
+    return await view.terms("Observation")
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "mongomock"])
 @pytest.mark.parametrize("seed", range(40))
-async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
+async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path, monkeypatch):
     """The store query term leaves out exactly what the per-resource decision
-    withholds: in the reference semantics and in both stores."""
+    withholds: in the reference semantics and in both stores, by the formula alone
+    and with the caller's withheld set (inline, or kept by the store: odd seeds)."""
+    if seed % 2:
+        monkeypatch.setattr(consents, "INLINE_IDS", 0)
     rng = random.Random(seed)
     registry = default_registry()
     links = PatientLinks(registry)
-    book = ConsentBook(None, registry, links, None)
     obs_ids = [f"o{n}" for n in range(30)]
     bodies = [random_observation(rng, n, obs_ids) for n in range(30)]
     world = {"Observation": {}}
@@ -325,6 +335,7 @@ async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
     store = make_store(kind, tmp_path)
     await store.open()
     await store.commit(writes)
+    book = ConsentBook(store, registry, links, None)
     policies = {
         p: tuple(
             Policy(f"Consent/{p[-2:]}{k}", p, random_provision(rng, "1", 1, obs_ids))
@@ -343,23 +354,22 @@ async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
             for default in (rules.OPT_OUT, rules.OPT_IN):
                 acc = Accessor(org, purpose, NOW, default=default)
                 view = ConsentView(book, ledger, acc, False)
-                term = view.term("Observation")
-                visible = set()
-                for v in versions:
-                    expected = view.verdict(v).result == "permit"
-                    got = True if term is None else evaluate(world, "Observation", v.id, term)
-                    assert got == expected, (org, purpose, default, v.id, orjson.loads(v.body))
-                    seen.add(expected)
-                    visible.update([v.id] if expected else [])
-                found = await store.search("Observation", (term,) if term else (), count=100)
-                assert {v.id for v in found.items} == visible, (org, purpose, default)
-                assert found.total == len(visible)
+                # the formula alone, then with the caller's withheld set once computed
+                for terms in (await view.terms("Observation"), await _settled(view)):
+                    visible = set()
+                    for v in versions:
+                        expected = view.verdict(v).result == "permit"
+                        got = all(evaluate(world, "Observation", v.id, t) for t in terms)
+                        assert got == expected, (org, purpose, default, v.id, orjson.loads(v.body))
+                        seen.add(expected)
+                        visible.update([v.id] if expected else [])
+                    found = await store.search("Observation", terms, count=100)
+                    assert {v.id for v in found.items} == visible, (org, purpose, default)
+                    assert found.total == len(visible)
                 for patient in PATIENTS:  # a search naming a patient gets a narrower term
                     named = (Match("subject", (Cond("text", "eq", patient),)),)
-                    narrow = view.term("Observation", named)
-                    found = await store.search(
-                        "Observation", named + ((narrow,) if narrow else ()), count=100
-                    )
+                    narrow = await view.terms("Observation", named)
+                    found = await store.search("Observation", named + narrow, count=100)
                     expected = {
                         b["id"]
                         for b in bodies
@@ -372,3 +382,51 @@ async def test_store_filter_equals_per_resource_decision(seed, kind, tmp_path):
                     assert expected - got <= {b["id"] for b in bodies if "performer" in b}
     await store.close()
     assert seen == {True, False}  # the filter withholds some and shows others
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "mongomock"])
+async def test_withheld_set_follows_changes_and_misses_no_write_it_has_not_seen(kind, tmp_path):
+    """A caller's withheld set is computed once, then brought up to date from the
+    outbox; a resource written since the book last read the outbox is decided by the
+    formula in the same query, so a fresh withheld resource never slips through."""
+    registry = default_registry()
+    store = make_store(kind, tmp_path)
+    await store.open()
+
+    def observation(id_: str, patient: str, updated: str) -> Write:
+        body = {
+            "resourceType": "Observation",
+            "id": id_,
+            "status": "final",
+            "code": {"text": "x"},
+            "subject": {"reference": patient},
+            "meta": {"lastUpdated": updated},
+        }
+        rows = tuple(index_rows(body, updated, registry))
+        return Write("Observation", id_, 0, 1, updated, "POST", orjson.dumps(body), rows)
+
+    old = "2025-01-01T00:00:00.000000Z"
+    await store.commit([observation("o1", "Patient/p1", old), observation("o2", "Patient/p2", old)])
+    book = ConsentBook(store, default_registry(), PatientLinks(registry), None)
+    await book.current()  # reads the outbox to its end
+    deny = Policy("Consent/c1", "Patient/p1", Provision("1", "deny"))
+    ledger = Ledger({"Consent/c1": (deny, frozenset({"Patient/p1"}))}, {"Patient/p1": (deny,)})
+    acc = Accessor("Organization/a", "TREAT", NOW, default=rules.OPT_OUT)
+
+    async def visible() -> tuple[set[str], frozenset[str]]:
+        view = ConsentView(book, ledger, acc, False)
+        await view.terms("Observation")  # starts computing the set
+        await book.idle()
+        terms = await view.terms("Observation")
+        found = await store.search("Observation", terms, count=100)
+        changed = terms[1].terms[1]  # AnyOf((Not(withheld), changed))
+        dirty = changed.terms[1].ids if isinstance(changed, AnyOf) else ()
+        return {v.id for v in found.items}, frozenset(dirty)
+
+    assert await visible() == ({"o2"}, set())
+    # Written now and not yet seen by the book: decided by the formula, not the set.
+    await store.commit([observation("o3", "Patient/p1", now())])
+    assert await visible() == ({"o2"}, set())
+    await book.current()  # the book sees o3's event: decided by the formula beside the set
+    assert await visible() == ({"o2"}, {"o3"})
+    await store.close()

@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import itertools
 from contextlib import ExitStack
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 
+from hie.access import consents
 from hie.app import create_app
 from hie.config import Settings
 from tests.conftest import make_store
 from tests.consent.world import World
 
 
+@pytest.fixture(params=["recent", "settled"])
+def settle(request, monkeypatch) -> str:
+    """Every resource of the test counts as recently changed, so the store decides it
+    by the consent formula (as it does within ``SETTLE`` of a write), or none does, so
+    that searches are decided by the callers' withheld sets alone."""
+    if request.param == "settled":
+        monkeypatch.setattr(consents, "SETTLE", -timedelta(hours=1))
+    return request.param
+
+
 @pytest.fixture
-def build(store_kind, tmp_path):
+def build(store_kind, settle, tmp_path):
     stack = ExitStack()
     counter = itertools.count()
 

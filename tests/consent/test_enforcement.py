@@ -7,6 +7,7 @@ import pytest
 
 from tests.consent.world import (
     GOLDEN,
+    LABELS,
     MRN_A,
     MRN_B,
     NOT_GOLDEN,
@@ -104,6 +105,40 @@ def test_search_total_and_paging_count_only_visible(world):
     count_only = world.get("c", "/fhir/Observation", params={"_summary": "count"})
     if count_only.status_code == 200:
         assert count_only.json()["total"] == 2
+
+
+def test_changes_after_a_search_are_decided_on_the_next(world):
+    """What a caller may not see is kept between searches and brought up to date by
+    what changed: a new sensitive result, a label added to a result and taken off."""
+
+    def seen() -> set[str]:
+        r = world.get("c", "/fhir/Observation", params={"_count": "100"})
+        assert r.status_code == 200, r.text
+        return world.keys(r.json())
+
+    assert seen() == C_SEES
+    hiv = LABELS["HIV"]
+    world.write(
+        "oa3",
+        "a",
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "HIV viral load"},
+            "subject": {"reference": world.ref("PA")},
+            "meta": {"security": [hiv]},
+        },
+    )
+    assert "oa3" not in seen() and world.get("a", world.url("oa3")).status_code == 200
+    ob1 = world.get("b", world.url("ob1")).json()
+    labelled = {**ob1, "meta": {"security": [hiv]}}
+    assert world.put("b", world.url("ob1"), json=labelled).status_code == 200
+    assert seen() == C_SEES - {"ob1"}
+    plain = {k: v for k, v in ob1.items() if k != "meta"}
+    assert world.put("b", world.url("ob1"), json=plain).status_code == 200
+    assert seen() == C_SEES
+    assert world.delete("a", world.url("oa1")).status_code in (200, 204)
+    assert seen() == C_SEES - {"oa1"}
 
 
 def test_later_pages_of_a_search_begun_before_the_deny(world):

@@ -21,6 +21,7 @@ from hie.store.query import (
     Cond,
     Has,
     IdIn,
+    IdSet,
     IndexRow,
     Match,
     Not,
@@ -46,7 +47,7 @@ def evaluate(world: World, type_: str, id_: str, term: Term) -> bool:
     rows = world[type_][id_][1]
     if isinstance(term, Match):
         return any(r.param == term.param and row_matches(r, term.conds) for r in rows)
-    if isinstance(term, IdIn):
+    if isinstance(term, IdIn | IdSet):
         return id_ in term.ids
     if isinstance(term, AnyOf):
         return any(evaluate(world, type_, id_, t) for t in term.terms)
@@ -162,7 +163,9 @@ def random_term(rnd: random.Random, ids: dict[str, list[str]], type_: str, depth
         kinds += ["idin", "anyof", "not", "chain", "has"]
     kind = rnd.choice(kinds)
     if kind == "idin":
-        return IdIn(tuple(rnd.sample([*ids[type_], "nope"], rnd.randint(0, 4))))
+        chosen = rnd.sample([*ids[type_], "nope"], rnd.randint(0, 4))
+        # a large reused set (its own form in the store) one time in three
+        return IdSet(frozenset(chosen)) if rnd.random() < 1 / 3 else IdIn(tuple(chosen))
     if kind == "anyof":
         terms = tuple(random_term(rnd, ids, type_, depth + 1) for _ in range(rnd.randint(0, 3)))
         return AnyOf(terms)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -128,7 +128,7 @@ class SearchEngine:
         key: str,
         offset: int,
         count: int,
-        rebuild: Callable[[dict], dict[str, Query]],
+        rebuild: Callable[[dict], Awaitable[dict[str, Query]]],
         authorize: Callable[[list[str]], None],
         kind: str = SEARCH,
         accept: Callable[[dict], None] | None = None,
@@ -160,7 +160,7 @@ class SearchEngine:
             refs = (await self.store.load_snapshot(key, 1, length) or ([], 0))[0]
             sort = tuple(Sort(p, d) for p, d in state["sort"])
             fetch = min(max(offset + count, 2 * length), self.max_results)
-            hits = await self._hits(await self._expand_all(rebuild(state)), sort, fetch + 1)
+            hits = await self._hits(await self._expand_all(await rebuild(state)), sort, fetch + 1)
             state["complete"] = len(hits) <= fetch
             shown = set(refs)
             refs = (refs + [r for r in hits if r not in shown])[: self.max_results]
