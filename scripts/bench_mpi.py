@@ -22,10 +22,16 @@ the same server:
   (no MPI work) in the same phase order;
 * the golden records, HieMpiRecord entries, review items and database size.
 
+With ``--fill bulk`` the population is not registered through the API but loaded with
+the server stopped by :mod:`mpi_bulk` (the same MPI decisions and writes, without HTTP or
+AuditEvents; hours become minutes), and the ``$match`` answers are checked: a known
+person's query must find the golden record the loader linked that registration to, first.
+
 Output: a Markdown report on stdout (``--json PATH`` writes every figure); progress on
-stderr. Example::
+stderr. Examples::
 
     .venv/bin/python scripts/bench_mpi.py --sizes 10k,100k
+    .venv/bin/python scripts/bench_mpi.py --fill bulk --sizes 10k,100k,1m --workdir /tmp/mpi
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from bench_common import (  # the scripts' shared helpers, next to this file
 )
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from mpi_bulk import BulkLoader
 from mpi_population import MEMBER_NAMES, population
 
 from hie.mpi import RESIDENT_ID_SYSTEM
@@ -132,7 +139,13 @@ class Bench:
         self.fresh = [(m, pat) for m, pat, p in fresh_list if p not in unknown]
         self.stream = [(m, pat, p) for m, pat, p in registrations if p not in fresh]
         self.loaded = 0  # registrations of self.stream sent so far
-        self.people: dict[str, list[tuple[str, dict]]] = {}
+        #: each stored person's registrations: (member, Patient, member record id when known)
+        self.people: dict[str, list[tuple[str, dict, str | None]]] = {}
+        self.loader = None
+        if args.fill == "bulk":
+            organizations = {m: f"Organization/{m}" for m in MEMBERS}
+            clients = {m: f"bench-{i}" for i, m in enumerate(MEMBERS)}
+            self.loader = BulkLoader(self.data_dir, organizations, clients, args.seed)
 
     def client(self, member: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -141,8 +154,29 @@ class Bench:
             timeout=120,
         )
 
+    def _next(self, people: int) -> list[tuple[str, dict, str]]:
+        """The registrations of the stream that bring the stored persons to ``people``."""
+        out = []
+        while len(self.people) < people and self.loaded < len(self.stream):
+            out.append(self.stream[self.loaded])
+            self.loaded += 1
+            self.people.setdefault(out[-1][2], [])
+        return out
+
+    async def fill_bulk(self, people: int) -> dict:
+        """Load the registrations with the server stopped (:mod:`mpi_bulk`)."""
+        regs = self._next(people)
+        self.server.stop()
+        log(f"  bulk-loading {len(regs):,} registrations")
+        ids, stats = await self.loader.load([(m, pat) for m, pat, _ in regs])
+        for (member, patient, person), pid in zip(regs, ids, strict=True):
+            self.people[person].append((member, patient, pid))
+        log(f"  loaded: {stats}")
+        self.server.start(timeout=600)
+        return {**stats, "registrations": len(regs)}
+
     async def fill(self, people: int) -> dict:
-        """Register the stream until ``people`` distinct persons are stored."""
+        """Register the stream through the API until ``people`` distinct persons are stored."""
         batch: dict[str, list[dict]] = {m: [] for m in MEMBERS}
         queue: asyncio.Queue = asyncio.Queue(maxsize=8)
         sent = 0
@@ -165,10 +199,8 @@ class Bench:
         workers = [asyncio.create_task(worker()) for _ in range(self.args.fill_concurrency)]
         start = time.perf_counter()
         count = 0
-        while len(self.people) < people and self.loaded < len(self.stream):
-            member, patient, person = self.stream[self.loaded]
-            self.loaded += 1
-            self.people.setdefault(person, []).append((member, patient))
+        for member, patient, person in self._next(people):
+            self.people[person].append((member, patient, None))
             batch[member].append(
                 {"resource": patient, "request": {"method": "POST", "url": "Patient"}}
             )
@@ -186,11 +218,16 @@ class Bench:
         log(f"  filled {count:,} registrations in {seconds:.1f} s ({count / seconds:,.0f}/s)")
         return {"registrations": count, "seconds": seconds, "per_second": count / seconds}
 
-    def queries(self, n: int, rng: random.Random) -> list[dict]:
-        """Half known people (a stored registration), half people nobody registered."""
+    def queries(self, n: int, rng: random.Random) -> list[tuple[dict, str | None]]:
+        """Half known people (a stored registration, with the golden record it belongs to
+        when the loader knows it), half people nobody registered (``None``)."""
         known = rng.sample(sorted(self.people), min(n // 2, len(self.people)))
-        out = [rng.choice(self.people[p])[1] for p in known]
-        out += [pat for _, pat in rng.sample(self.unknown, min(n - len(out), len(self.unknown)))]
+        out = []
+        for person in known:
+            _, patient, pid = rng.choice(self.people[person])
+            out.append((patient, self.loader.golden_of.get(pid) if self.loader else None))
+        unknown = rng.sample(self.unknown, min(n - len(out), len(self.unknown)))
+        out += [(pat, None) for _, pat in unknown]
         rng.shuffle(out)
         return out
 
@@ -233,9 +270,9 @@ class Bench:
                     {"name": "count", "valueInteger": 10},
                 ],
             }
-            for q in queries
+            for q, _ in queries
         ]
-        ids = [resident_id(q) for q in queries]
+        ids = [resident_id(q) for q, _ in queries]
         ids = [i for i in ids if i] or ["000000000000000000"]
 
         async def match(c: httpx.AsyncClient, body: object) -> int:
@@ -251,7 +288,30 @@ class Bench:
         for conc in (1, self.args.concurrency):
             out[f"match_c{conc}"] = await self.timed(params, match, conc)
             out[f"search_c{conc}"] = await self.timed(ids, search, conc)
+        if self.loader is not None:
+            out["check"] = await self.check(params, [g for _, g in queries])
         return out
+
+    async def check(self, params: list[dict], expected: list[str | None]) -> dict:
+        """Untimed: whether each known person's query finds its golden record first (as
+        the loader linked it), and whether queries of people nobody registered find no
+        certain match."""
+        counts = {"known": 0, "first": 0, "found": 0, "unknown": 0, "no_certain": 0}
+        async with self.client(MEMBERS[0]) as c:
+            for body, golden in zip(params, expected, strict=True):
+                r = await c.post("/Patient/$match", content=orjson.dumps(body))
+                entries = r.json().get("entry", [])
+                ids = [e["resource"]["id"] for e in entries]
+                if golden is None:
+                    counts["unknown"] += 1
+                    grades = [_grade(e) for e in entries]
+                    counts["no_certain"] += "certain" not in grades
+                else:
+                    counts["known"] += 1
+                    counts["first"] += ids[:1] == [golden]
+                    counts["found"] += golden in ids
+        log(f"  $match answers: {counts}")
+        return counts
 
     async def register_phase(self) -> dict:
         """POST single registrations of fresh people (MPI on) against Observations."""
@@ -328,7 +388,7 @@ class Bench:
         steps = []
         for size in self.args.sizes:
             log(f"step: {size:,} people")
-            fill = await self.fill(size)
+            fill = await (self.fill_bulk(size) if self.loader else self.fill(size))
             step = {"people": size, "fill": fill}
             step.update(await self.match_phase(rng))
             step["register"] = await self.register_phase()
@@ -338,10 +398,18 @@ class Bench:
         return steps
 
 
+def _grade(entry: dict) -> str | None:
+    for ext in entry.get("search", {}).get("extension", ()):
+        if ext.get("url", "").endswith("match-grade"):
+            return ext.get("valueCode")
+    return None
+
+
 def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
     c = args.concurrency
     lines = [
         f"Machine: {machine}",
+        f"Fill: {args.fill}",
         "",
         f"| people | member records | golden records | reviews | DB MiB | fill regs/s "
         f"| $match p50 / p95 ms (c1) | search p50 / p95 ms (c1) | $match / search p50 "
@@ -362,6 +430,19 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
             f"{fmt_ms(s1['p95'])} | {m1['p50'] / s1['p50']:.2f}× | {fmt_num(mc['ops'])} "
             f"| {fmt_num(sc['ops'])} | {fmt_num(pat)} | {fmt_num(obs)} | {pat / obs:.0%} |"
         )
+    checks = [(s["people"], s["check"]) for s in steps if "check" in s]
+    if checks:
+        lines += [
+            "",
+            "| people | known people's $match: own golden record first / listed | "
+            "unknown people's $match: no certain match |",
+            "|---|---|---|",
+        ]
+        for people, c in checks:
+            lines.append(
+                f"| {people:,} | {c['first']} / {c['found']} of {c['known']} "
+                f"| {c['no_certain']} of {c['unknown']} |"
+            )
     return "\n".join(lines)
 
 
@@ -375,7 +456,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill-concurrency", type=int, default=2, help="Bundles in flight")
     p.add_argument("--fresh-people", type=int, default=3000, help="people kept for queries")
     p.add_argument("--seed", type=int, default=20250630)
+    p.add_argument(
+        "--fill",
+        choices=("api", "bulk"),
+        default="api",
+        help="register the population through the API, or bulk-load it (scripts/mpi_bulk.py)",
+    )
     p.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    p.add_argument("--workdir", type=Path, help="a new directory for the data, kept afterwards")
     args = p.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.sizes != sorted(args.sizes):
@@ -385,10 +473,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="hie-bench-mpi-"))
+    if args.workdir:
+        args.workdir.mkdir(parents=True)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hie-bench-mpi-"))
     try:
         bench = Bench(args, workdir)
-        bench.server.start()
+        if args.fill == "api":
+            bench.server.start()
         try:
             steps = run_async(bench.run())
         finally:
@@ -398,7 +489,8 @@ def main() -> None:
         if args.json:
             args.json.write_bytes(orjson.dumps({"args": vars(args), "steps": steps}, default=str))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
