@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             yield
         finally:
             task.cancel()
+            await consents.idle()  # withheld sets being computed read the store
             if audit is not None:
                 await audit.stop()
             await store.close()

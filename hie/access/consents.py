@@ -49,7 +49,7 @@ from hie.fhir.search.extract import reference_key, value_rows
 from hie.fhir.search.mdm import SamePerson
 from hie.fhir.search.registry import Registry, care_date
 from hie.mpi.records import LINK_TYPE
-from hie.store import Store, Version
+from hie.store import INTERNAL_TYPES, Store, Version
 from hie.store.query import AnyOf, Cond, IdIn, IdSet, Match, Not, Term
 
 log = logging.getLogger("hie.access")
@@ -62,6 +62,8 @@ OWN = "records written by the caller's organisation"
 MAX_FILTERS = 10_000
 #: Types decided by their own rules: audit records are for auditors.
 EXEMPT_TYPES = frozenset({"AuditEvent"})
+#: Types whose changes never touch a withheld set (no search of them is filtered).
+UNFILTERED = WATCHED | EXEMPT_TYPES | frozenset(INTERNAL_TYPES)
 #: Most resources of a type one caller's withheld set holds; with more, the store
 #: decides each resource by the consent formula instead.
 MAX_WITHHELD = 100_000
@@ -208,7 +210,7 @@ class ConsentBook:
     def _touch(self, events: Sequence) -> None:
         """Remember the resources ``events`` changed (see :meth:`touched_since`)."""
         for event in events:
-            if event.type in WATCHED or event.seq <= self._touched_seq:
+            if event.seq <= self._touched_seq or event.type in UNFILTERED:
                 continue
             self._touched_seq = event.seq
             changes = self._touched.setdefault(event.type, [])
@@ -372,7 +374,7 @@ class ConsentBook:
         return frozenset(_references(orjson.loads(found.body), self._base))
 
     async def idle(self) -> None:
-        """Wait until no withheld set is being computed (for tests and shutdown)."""
+        """Wait until no withheld set is being computed (at shutdown, and for tests)."""
         while self.computing:
             await asyncio.gather(*self.computing.values(), return_exceptions=True)
 
