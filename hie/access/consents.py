@@ -101,6 +101,12 @@ class Ledger:
     seq: int = 0
 
     @cached_property
+    def by_user(self) -> bool:
+        """Whether some Consent's actor names end users or their roles; if none does,
+        decisions do not depend on the caller's user and role."""
+        return any(a.users or a.roles for a in self.actors.values())
+
+    @cached_property
     def filters(self) -> dict:
         """Per (accessor, type) search filters, valid until the next period boundary."""
         return {}
@@ -625,8 +631,11 @@ class ConsentView:
         return frozenset(i for i, _ in found) if len(found) <= MAX_WITHHELD else None
 
     def _key(self, type_: str) -> tuple:
+        """What the caller's filters and withheld sets of ``type_`` are kept under: the
+        same for every user of a member unless some Consent names users or roles."""
         acc = self.accessor
-        return (acc.organization, acc.purpose, acc.user, acc.user_role, acc.default, type_)
+        user, role = (acc.user, acc.user_role) if self.ledger.by_user else (None, None)
+        return (acc.organization, acc.purpose, user, role, acc.default, type_)
 
     def _filter(self, type_: str, named: frozenset[str] | None) -> Filter:
         """The consent formula of ``type_`` for the caller as a store filter (about

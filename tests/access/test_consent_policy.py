@@ -430,3 +430,27 @@ async def test_withheld_set_follows_changes_and_misses_no_write_it_has_not_seen(
     await book.current()  # the book sees o3's event: decided by the formula beside the set
     assert await visible() == ({"o2"}, {"o3"})
     await store.close()
+
+
+def test_filters_are_shared_by_a_members_users_unless_a_consent_names_users():
+    """A member's users share its filters and withheld sets while no Consent names
+    end users or their roles; once one does, each user gets its own."""
+    book = ConsentBook(None, default_registry(), PatientLinks(default_registry()), None)
+    by_org = Policy("Consent/c1", "Patient/p1", Provision("1", "deny", actors=("Organization/a",)))
+    named = Policy("Consent/c2", "Patient/p1", Provision("1", "deny", actors=("Practitioner/u1",)))
+    users = ("Practitioner/u1", "Practitioner/u2")
+    for policy, shared in ((by_org, True), (named, False)):
+        actors = {**ACTORS, "Practitioner/u1": rules.ActorFacts(users=frozenset({users[0]}))}
+        if policy is by_org:
+            actors.pop("Practitioner/u1")
+        ledger = Ledger(
+            {policy.consent: (policy, frozenset({"Patient/p1"}))},
+            {"Patient/p1": (policy,)},
+            actors=actors,
+        )
+        views = [
+            ConsentView(book, ledger, Accessor("Organization/b", "TREAT", NOW, user=u), False)
+            for u in users
+        ]
+        first, second = (v._filter("Observation", None) for v in views)
+        assert (first is second) == shared
