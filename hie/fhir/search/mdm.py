@@ -12,6 +12,7 @@ Patient the index does not know expands to itself.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,7 +49,27 @@ class SamePerson:
 
 def has_placeholder(query: Query) -> bool:
     """Whether ``query`` (at any depth) needs :func:`expand`."""
-    return any(_has(term) for term in query)
+    return any(_has_kept(term) for term in query)
+
+
+#: Compound terms already walked, by identity (with the term, so that its id is not
+#: reused): a caller's consent filter is one large term added to each of its searches.
+_WALKED: OrderedDict[int, tuple[object, bool]] = OrderedDict()
+_WALKED_MAX = 4096
+
+
+def _has_kept(term) -> bool:
+    """:func:`_has` of a query's term, kept for compound terms."""
+    if not isinstance(term, AnyOf | Not):
+        return _has(term)
+    found = _WALKED.get(id(term))
+    if found is not None and found[0] is term:
+        return found[1]
+    result = _has(term)
+    _WALKED[id(term)] = (term, result)
+    if len(_WALKED) > _WALKED_MAX:
+        _WALKED.popitem(last=False)
+    return result
 
 
 def _has(term) -> bool:
@@ -81,8 +102,9 @@ async def expand(
             found = cache[id_] = tuple(sorted(ids))
         return found
 
-    async def term(t):
-        if not _has(t):  # kept as it is (the same object: stores may cache by identity)
+    async def term(t, top: bool = False):
+        # without a placeholder, kept as it is: the same object (stores cache by identity)
+        if not (_has_kept(t) if top else _has(t)):
             return t
         if isinstance(t, SamePerson):
             ids: dict[str, None] = {}
@@ -102,4 +124,4 @@ async def expand(
             return Has(t.type, t.param, await expand(t.query, persons, cache))
         return t
 
-    return tuple([await term(t) for t in query])
+    return tuple([await term(t, top=True) for t in query])
