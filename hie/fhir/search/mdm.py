@@ -103,7 +103,7 @@ async def expand(
         return found
 
     async def term(t, top: bool = False):
-        # without a placeholder, kept as it is: the same object (stores cache by identity)
+        # without a SamePerson term, kept as it is: the same object (stores cache by identity)
         if not (_has_kept(t) if top else _has(t)):
             return t
         if isinstance(t, SamePerson):
