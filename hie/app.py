@@ -14,6 +14,7 @@ from starlette.responses import Response
 from hie.access.clients import ClientRegistry
 from hie.access.consent_decision import router as consent_router
 from hie.access.consents import ConsentBook
+from hie.access.decision import AUDIT_TYPES
 from hie.access.keys import KeyRing
 from hie.access.patients import PatientLinks
 from hie.access.routes import register as register_auth_routes
@@ -76,13 +77,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         base=settings.base_url,
     )
     service.consents = consents
+    for type_ in AUDIT_TYPES:  # one record per request: indexed in batches, behind it
+        service.engine.later.add(type_)
     keys = KeyRing(settings.keys_path)
     audit = None
     if settings.audit:
         audit = AuditLog(
             store,
             keys,
-            lambda type_, id_, resource: service.new_write(type_, id_, resource, None, "POST"),
+            lambda type_, id_, resource: service.new_write(
+                type_, id_, resource, None, "POST", later=True
+            ),
             seal_records=settings.audit_seal_records,
             seal_seconds=settings.audit_seal_seconds,
         )
@@ -107,11 +112,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await mpi.start()
         if audit is not None:
             await audit.start()
-        task = asyncio.create_task(service.refresh_index())
+        tasks = [
+            asyncio.create_task(service.refresh_index()),
+            asyncio.create_task(service.engine.later.run()),
+        ]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await consents.idle()  # withheld sets being computed read the store
             if audit is not None:
                 await audit.stop()

@@ -457,6 +457,7 @@ class FhirService:
         query += (Not(IdIn(tuple(exclude))),) if exclude else ()
         if members_only and type_ == "Patient":
             query += (Not(GOLDEN),)
+        await self.engine.later.catch_up(type_)
         page = await self.store.search(type_, query, count=2)
         return query, page.items
 
@@ -500,10 +501,12 @@ class FhirService:
         guard: Query = (),
         *,
         indexed: bool = True,
+        later: bool = False,
     ) -> Write:
         """The write storing ``resource`` (None: a tombstone) as the next version;
         ``indexed=False`` leaves its search index rows out (for a write that is built
-        again before it is stored)."""
+        again before it is stored), ``later=True`` leaves them to the store's
+        :class:`~hie.fhir.search.later.LaterIndex` (its type must be declared there)."""
         version = (prev.version if prev else 0) + 1
         instant = now()
         body = None
@@ -515,10 +518,10 @@ class FhirService:
             stored = {"resourceType": type_, "id": id_, "meta": meta}
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
-            if indexed:
+            if indexed and not later:
                 index = index_rows(stored, instant, self.registry, self.settings.base_url)
         prev_version = prev.version if prev else 0
-        return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
+        return Write(type_, id_, prev_version, version, instant, method, body, index, guard, later)
 
     async def plan_create(
         self,

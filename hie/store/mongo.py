@@ -76,7 +76,14 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from bson.decimal128 import Decimal128
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    AsyncMongoClient,
+    IndexModel,
+    ReturnDocument,
+    UpdateOne,
+)
 from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure
 
 from hie import jsonio
@@ -123,6 +130,7 @@ _RESOURCE_INDEXES = [
     IndexModel([("idx.p", ASCENDING), ("idx.nh", ASCENDING)]),
     IndexModel([("idx.p", ASCENDING), ("idx.g.0.t", ASCENDING), ("idx.g.0.s", ASCENDING)]),
     IndexModel([("lu", DESCENDING), ("_id", ASCENDING)]),
+    IndexModel([("u", ASCENDING), ("_id", ASCENDING)], sparse=True),
 ]
 _HISTORY_INDEXES = [
     IndexModel([("t", ASCENDING), ("i", ASCENDING), ("v", ASCENDING)], unique=True),
@@ -378,7 +386,8 @@ class MongoStore(Store):
                 if await self._db[w.type].find_one(others, {"_id": 1}, session=session):
                     raise ConditionConflict(w.type, w.id)
         for w, resource in zip(writes, resources, strict=True):
-            rows = w.index if resource is not None else ()
+            later = w.later and resource is not None
+            rows = w.index if resource is not None and not later else ()
             doc = {
                 "_id": w.id,
                 "v": w.version,
@@ -388,6 +397,8 @@ class MongoStore(Store):
                 "idx": _index_doc(rows),
                 "sk": _sort_keys(rows),
             }
+            if later:
+                doc["u"] = True  # unindexed: see Store.unindexed
             coll = self._db[w.type]
             if w.prev_version == 0:
                 try:
@@ -585,14 +596,36 @@ class MongoStore(Store):
         docs = await self._db[type_].find(where).sort("_id", ASCENDING).limit(limit).to_list()
         return [_version(type_, d["_id"], d) for d in docs]
 
-    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
-        """Replace ``idx`` and ``sk`` of a live resource still at ``version``; False if it
-        changed or is deleted."""
-        done = await self._db[type_].update_one(
-            _LIVE | {"_id": id_, "v": version},
-            {"$set": {"idx": _index_doc(rows), "sk": _sort_keys(rows)}},
+    async def set_index(
+        self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
+    ) -> int:
+        """Replace ``idx`` and ``sk`` of each live resource still at its given version
+        (and clear its unindexed mark) in one bulk write; returns how many matched."""
+        if not entries:
+            return 0
+        await self._ensure_indexes([type_])
+        done = await self._db[type_].bulk_write(
+            [
+                UpdateOne(
+                    _LIVE | {"_id": id_, "v": version},
+                    {
+                        "$set": {"idx": _index_doc(rows), "sk": _sort_keys(rows)},
+                        "$unset": {"u": ""},
+                    },
+                )
+                for id_, version, rows in entries
+            ],
+            ordered=False,
         )
-        return done.matched_count == 1
+        return done.matched_count
+
+    async def unindexed(self, type_: str, limit: int) -> list[Version]:
+        """Live resources marked ``u`` (written with ``later``) by ascending ``_id``."""
+        if limit <= 0:
+            return []
+        where = _LIVE | {"u": True}
+        docs = await self._db[type_].find(where).sort("_id", ASCENDING).limit(limit).to_list()
+        return [_version(type_, d["_id"], d) for d in docs]
 
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
         """Store ``refs`` under ``key`` until ``expires`` (a TTL index removes it)."""

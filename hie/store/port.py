@@ -86,6 +86,9 @@ class Write:
     #: A conditional create's criteria: the commit fails with ConditionConflict if a
     #: current resource of this type, other than those this commit writes, matches.
     guard: Query = ()
+    #: Index later: the version is stored without index rows (``index`` is ignored) and
+    #: listed by :meth:`Store.unindexed` until :meth:`Store.set_index` gives it rows.
+    later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +227,17 @@ class Store(ABC):
         id ``after`` (for reindexing in batches)."""
 
     @abstractmethod
-    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
-        """Replace the index rows of ``type_/id_`` if its current version is still
-        ``version`` (no new version is written); False if it changed meanwhile."""
+    async def set_index(
+        self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
+    ) -> int:
+        """For each ``(id, version, rows)``, replace the index rows of ``type_/id`` if its
+        current version is still ``version`` (no new version is written; it leaves
+        :meth:`unindexed`), all in one commit; returns how many were replaced."""
+
+    @abstractmethod
+    async def unindexed(self, type_: str, limit: int) -> list[Version]:
+        """Up to ``limit`` current versions of ``type_`` that were written with
+        :attr:`Write.later` and have no index rows yet, by ascending id."""
 
     @abstractmethod
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:

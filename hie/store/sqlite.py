@@ -148,6 +148,9 @@ SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS claims_expires ON claims (expires)",
     "CREATE TABLE IF NOT EXISTS live_counts (type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS unindexed (
+        type TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (type, id)
+    ) WITHOUT ROWID""",
 )
 #: Indexes whose definition changed in schema 1 (dropped, then created anew).
 _CHANGED_IN_1 = ("resources_lu", "search_text", "search_low", "search_high", "search_owner")
@@ -922,8 +925,12 @@ class SqliteStore(Store):
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.last_updated, w.method, w.body),
                 )
-                rows = w.index if w.body is not None else ()
+                rows = w.index if w.body is not None and not w.later else ()
                 _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
+                if w.later and w.body is not None:
+                    conn.execute("INSERT OR IGNORE INTO unindexed VALUES (?, ?)", (w.type, w.id))
+                elif w.prev_version:
+                    conn.execute("DELETE FROM unindexed WHERE type = ? AND id = ?", (w.type, w.id))
                 conn.execute(
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.method),
@@ -1043,28 +1050,48 @@ class SqliteStore(Store):
 
         return await self._run_read(run)
 
-    async def set_index(self, type_: str, id_: str, version: int, rows: Sequence[IndexRow]) -> bool:
-        """Replace the index rows of a live resource still at ``version``; False if it
-        changed or is deleted."""
+    async def set_index(
+        self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
+    ) -> int:
+        """Replace the index rows of each live resource still at its given version, in
+        one commit; returns how many were replaced."""
 
-        def run() -> bool:
+        def run() -> int:
             conn = self._write_conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                found = conn.execute(
-                    "SELECT 1 FROM resources WHERE type = ? AND id = ? AND version = ?"
-                    " AND body IS NOT NULL",
-                    (type_, id_, version),
-                ).fetchone()
-                if found:
-                    _replace_index(conn, type_, id_, rows, True)
+                done = 0
+                for id_, version, rows in entries:
+                    found = conn.execute(
+                        "SELECT 1 FROM resources WHERE type = ? AND id = ? AND version = ?"
+                        " AND body IS NOT NULL",
+                        (type_, id_, version),
+                    ).fetchone()
+                    if found:
+                        pending = conn.execute(
+                            "DELETE FROM unindexed WHERE type = ? AND id = ?", (type_, id_)
+                        ).rowcount
+                        _replace_index(conn, type_, id_, rows, not pending)  # pending: none
+                        done += 1
                 conn.execute("COMMIT")
-                return found is not None
+                return done
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
 
-        return await self._run_write(run)
+        return await self._run_write(run) if entries else 0
+
+    async def unindexed(self, type_: str, limit: int) -> list[Version]:
+        def run(conn: sqlite3.Connection) -> list[Version]:
+            rows = conn.execute(
+                "SELECT r.type, r.id, r.version, r.last_updated, r.method, r.body"
+                " FROM unindexed u JOIN resources r ON r.type = u.type AND r.id = u.id"
+                " WHERE u.type = ? AND r.body IS NOT NULL ORDER BY u.id LIMIT ?",
+                (type_, max(limit, 0)),
+            ).fetchall()
+            return [_version(r) for r in rows]
+
+        return await self._run_read(run)
 
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
         """Store ``refs`` under ``key``, replacing an older snapshot of that key; drops

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import mongomock
@@ -196,6 +197,18 @@ class _Collection:
         async with self._client.access(session) as undo:
             self._log(undo, self._target(filter_, upsert))
             return self._sync.update_one(filter_, update, upsert=upsert)
+
+    async def bulk_write(
+        self, requests: list, ordered: bool = True, session: _Session | None = None
+    ) -> Any:
+        """``UpdateOne`` requests only (the store's bulk index writes)."""
+        async with self._client.access(session) as undo:
+            matched = 0
+            for r in requests:
+                filter_, update = r._filter, r._doc
+                self._log(undo, self._target(filter_, False))
+                matched += self._sync.update_one(filter_, update).matched_count
+            return SimpleNamespace(matched_count=matched)
 
     async def find_one_and_update(
         self, filter_: dict, update: dict, session: _Session | None = None, **kwargs: Any

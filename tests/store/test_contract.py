@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import orjson
 import pytest
@@ -1021,10 +1022,10 @@ async def test_set_index(store: Store):
     events = await store.events_after(0)
     current = await store.read("Thing", "t")
 
-    assert await store.set_index("Thing", "t", 1, (named("stale"),)) is False
+    assert await store.set_index("Thing", [("t", 1, (named("stale"),))]) == 0
     assert await found(store, "Thing", name("stale")) == set()
     rows = (named("new"), IndexRow("n", nlow=1.0), bp(SYS, 5))
-    assert await store.set_index("Thing", "t", 2, rows) is True
+    assert await store.set_index("Thing", [("t", 2, rows)]) == 1
     assert await found(store, "Thing", name("old")) == {"u"}
     assert await found(store, "Thing", name("new")) == {"t"}
     cvq = Match("cvq", (Cond("text", "eq", SYS, part=0), Cond("nlow", "eq", 5, part=1)))
@@ -1034,12 +1035,48 @@ async def test_set_index(store: Store):
     assert (await store.history("Thing", "t")).total == 2
     assert await store.events_after(0) == events
 
-    assert await store.set_index("Thing", "t", 2, ()) is True
+    assert await store.set_index("Thing", [("t", 2, ())]) == 1
     assert await found(store, "Thing", Match("name", ())) == {"u"}
-    assert await store.set_index("Thing", "nope", 1, rows) is False
+    assert await store.set_index("Thing", [("nope", 1, rows)]) == 0
     await store.commit([delete("Thing", "u", 2, ts(4))])
-    assert await store.set_index("Thing", "u", 2, rows) is False
+    assert await store.set_index("Thing", [("u", 2, rows)]) == 0
     assert await found(store, "Thing", name("new")) == set()
+    # several in one call: only those still at the version given are replaced
+    await store.commit([put("Thing", "v", 1, ts(5)), put("Thing", "w", 1, ts(5))])
+    both = [("v", 1, (named("b"),)), ("w", 2, (named("b"),)), ("t", 2, (named("b"),))]
+    assert await store.set_index("Thing", both) == 2
+    assert await found(store, "Thing", name("b")) == {"t", "v"}
+    assert await store.set_index("Thing", []) == 0
+
+
+async def test_unindexed_lists_writes_indexed_later_until_they_get_rows(store: Store):
+    def later(id_: str, version: int, t: int) -> Write:
+        w = put("Thing", id_, version, ts(t), index=(named("ignored"),))
+        return dataclasses.replace(w, later=True)
+
+    await store.commit([later("b", 1, 1), later("a", 1, 1), put("Thing", "c", 1, ts(1))])
+    await store.commit([later("d", 1, 2), put("Other", "a", 1, ts(2))])
+    unindexed = await store.unindexed("Thing", 10)
+    assert [v.id for v in unindexed] == ["a", "b", "d"]  # by id; "c" was indexed
+    assert unindexed[0] == await store.read("Thing", "a")
+    assert [v.id for v in await store.unindexed("Thing", 2)] == ["a", "b"]
+    assert await store.unindexed("Other", 10) == []
+    assert await store.unindexed("Thing", 0) == []
+    # stored without rows: a search does not find them, whatever the write carried
+    assert await found(store, "Thing", name("ignored")) == set()
+    assert await store.read("Thing", "b") is not None
+    assert await store.set_index("Thing", [("a", 1, (named("x"),)), ("b", 1, ())]) == 2
+    assert [v.id for v in await store.unindexed("Thing", 10)] == ["d"]
+    assert await found(store, "Thing", name("x")) == {"a"}
+    # a new version indexed at once, or a deletion, leaves the list too; a new
+    # version written later stays in it
+    await store.commit([put("Thing", "d", 2, ts(3), index=(named("x"),)), later("e", 1, 3)])
+    assert [v.id for v in await store.unindexed("Thing", 10)] == ["e"]
+    await store.commit([later("e", 2, 4)])
+    assert [(v.id, v.version) for v in await store.unindexed("Thing", 10)] == [("e", 2)]
+    await store.commit([delete("Thing", "e", 3, ts(5))])
+    assert await store.unindexed("Thing", 10) == []
+    assert await found(store, "Thing", name("x")) == {"a", "d"}
 
 
 # --- snapshots ---------------------------------------------------------------------

@@ -38,12 +38,13 @@ from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import fmt
 from hie.fhir.search.extract import index_rows, value_rows
+from hie.fhir.search.later import LaterIndex
 from hie.fhir.search.mdm import Persons, expand
 from hie.fhir.search.params import Include, SearchRequest
 from hie.fhir.search.registry import Registry
 from hie.fhir.types import served_types
 from hie.store import Store, Version
-from hie.store.query import Cond, Match, Query, Sort
+from hie.store.query import Cond, IndexRow, Match, Query, Sort
 
 #: Rounds of ``:iterate`` includes at most (cycles stop earlier: nothing new).
 MAX_ITERATE = 4
@@ -88,13 +89,24 @@ class SearchEngine:
         self.ttl = ttl
         #: The person behind a Patient id, for ``:mdm`` (None: each Patient is its own).
         self.persons: Persons | None = None
+        #: Types indexed behind the request path; searched only once caught up.
+        self.later = LaterIndex(store, self.stored_rows)
+
+    def stored_rows(self, version: Version) -> list[IndexRow]:
+        """The index rows of a stored (live) version."""
+        resource = jsonio.loads(version.body, trusted=True)
+        return index_rows(resource, version.last_updated, self.registry, self.base)
 
     async def expand(self, query: Query, cache: dict | None = None) -> Query:
         """``query`` with its ``:mdm`` placeholders replaced by the person's Patients."""
         return await expand(query, self.persons, cache)
 
     async def _expand_all(self, queries: dict[str, Query]) -> dict[str, Query]:
+        """The per-type ``queries`` expanded, once their types' indexes have caught up
+        (:class:`LaterIndex`)."""
         cache: dict = {}  # one lookup per Patient across the types searched
+        for type_ in queries:
+            await self.later.catch_up(type_)
         return {t: await self.expand(q, cache) for t, q in queries.items()}
 
     async def search(self, queries: dict[str, Query], req: SearchRequest, state: dict) -> Found:
@@ -258,6 +270,7 @@ class SearchEngine:
         sources = [d.source] if d.source != "*" else sorted(served_types())
         found: list[str] = []
         for source in sources:
+            await self.later.catch_up(source)
             for code in self._reference_params(source, d.param):
                 targets = self.registry.params(source)[code].targets
                 if targets and not kinds.intersection(targets):
@@ -281,11 +294,8 @@ class SearchEngine:
         for type_ in types:
             after = None
             while batch := await self.store.scan(type_, after=after, limit=500):
-                for v in batch:
-                    resource = jsonio.loads(v.body, trusted=True)
-                    rows = index_rows(resource, v.last_updated, self.registry, self.base)
-                    if await self.store.set_index(v.type, v.id, v.version, rows):
-                        done += 1
+                entries = [(v.id, v.version, self.stored_rows(v)) for v in batch]
+                done += await self.store.set_index(type_, entries)
                 after = batch[-1].id
         return done
 
