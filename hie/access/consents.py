@@ -20,7 +20,6 @@ import bisect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 import orjson
@@ -44,13 +43,13 @@ from hie.access.patients import PatientLinks
 from hie.access.principal import ADMIN, Principal
 from hie.access.purpose import BREAK_GLASS, BREAK_GLASS_LABEL
 from hie.fhir.errors import FhirError, error
-from hie.fhir.search.dates import fmt, now
+from hie.fhir.search.dates import now
 from hie.fhir.search.extract import reference_key, value_rows
 from hie.fhir.search.mdm import SamePerson
 from hie.fhir.search.registry import Registry, care_date
 from hie.mpi.records import LINK_TYPE
 from hie.store import INTERNAL_TYPES, Store, Version
-from hie.store.query import AnyOf, Cond, IdIn, IdSet, Match, Not, Term
+from hie.store.query import AnyOf, IdIn, IdSet, Match, Not, Term, WrittenAfter
 
 log = logging.getLogger("hie.access")
 
@@ -77,10 +76,6 @@ INLINE_IDS = 100
 #: decides by the formula beside the set; from half of it the set is computed afresh
 #: in the background, and past it the formula decides every resource until then.
 MAX_CHANGED = 2000
-#: Longest a write may take from being planned (its ``meta.lastUpdated``) to being
-#: committed. Resources last updated less than this before a withheld set was brought
-#: up to date may be missing from it, so the store decides them by the formula.
-SETTLE = timedelta(minutes=15)
 
 Person = Callable[[str], Awaitable[object]]
 
@@ -172,8 +167,6 @@ class ConsentBook:
         self._touched_seq = 0
         #: withheld sets being computed, by key
         self.computing: dict[tuple, asyncio.Task] = {}
-        #: when the book last started reading the outbox that it read to its end
-        self.synced = datetime.now(UTC)
         self._lock = asyncio.Lock()
         self._shapes: dict[str, TypeShape] = {}
 
@@ -190,16 +183,13 @@ class ConsentBook:
 
     async def current(self) -> Ledger:
         """The ledger with every change the outbox shows applied."""
-        synced = datetime.now(UTC)
         if self._seq is not None and not await self._changed():
-            self.synced = max(self.synced, synced)
             return self._ledger
         async with self._lock:
             if self._seq is None:
                 await self._load()
             else:
                 await self._follow()
-        self.synced = max(self.synced, synced)
         return self._ledger
 
     async def _changed(self) -> bool:
@@ -226,14 +216,13 @@ class ConsentBook:
                 self._forgot[event.type] = changes[half - 1][0]
                 del changes[:half]
 
-    def touched_since(self, type_: str, seq: int) -> frozenset[str] | None:
-        """Ids of ``type_`` resources changed after outbox position ``seq`` (up to
-        :attr:`seq`); None when some of those changes were forgotten."""
+    def changes_since(self, type_: str, seq: int) -> int | None:
+        """How many changes of ``type_`` resources came after outbox position ``seq``
+        (up to :attr:`seq`); None when some of them were forgotten."""
         if self._forgot.get(type_, -1) > seq:
             return None
         changes = self._touched.get(type_, ())
-        start = bisect.bisect_right(changes, (seq, "\U0010ffff"))
-        return frozenset(i for _, i in changes[start:])
+        return len(changes) - bisect.bisect_right(changes, (seq, "\U0010ffff"))
 
     async def _load(self) -> None:
         """Read every Consent (at startup, or once the outbox lost track)."""
@@ -539,12 +528,12 @@ class ConsentView:
         records). The Consents of the patients ``query`` names are recorded.
 
         With the caller's :class:`Withheld` set at hand, a resource is visible when it
-        is not in the set, unless it changed since the set was computed or too
-        recently for the set to be sure of it (:data:`SETTLE`): those the store
-        decides by the permit formula. The set costs one lookup per resource, the
-        formula many. Without the set (being computed, or too large), the formula
-        decides every resource: restricted to the patients ``query`` names, if it
-        names some."""
+        is not in the set, unless it was written after the outbox position the set was
+        computed at (:class:`~hie.store.query.WrittenAfter`, which the store answers
+        from its outbox in the same read as the query): those the store decides by the
+        permit formula. The set costs one lookup per resource, the formula many.
+        Without the set (being computed, or too large), the formula decides every
+        resource: restricted to the patients ``query`` names, if it names some."""
         if self.break_glass or type_ in EXEMPT_TYPES:
             return ()
         named = self._named(type_, query)
@@ -557,48 +546,38 @@ class ConsentView:
         formula = whole.term if named is None else self._filter(type_, named).term
         if formula is None:
             return ()
-        kept, dirty = self._withheld(type_, whole)
+        kept = self._withheld(type_, whole)
         if kept is None:
             return (formula,)
-        # to the minute before, so that the terms (and their compiled SQL) are reused
-        settled = fmt((self.book.synced - SETTLE).replace(second=0, microsecond=0))
         key = ("terms", *self._key(type_), named)
         cached = self.ledger.filters.get(key)
-        if (
-            cached is not None
-            and cached[0] is kept
-            and cached[1] == dirty
-            and cached[2] == settled
-            and cached[3] is formula
-        ):
-            return cached[4]
-        changed: Term = Match("_lastUpdated", (Cond("high", "ge", settled),))
-        if dirty:
-            changed = AnyOf((changed, IdIn(tuple(sorted(dirty)))))
+        if cached is not None and cached[0] is kept and cached[1] is formula:
+            return cached[2]  # the same term objects: their compiled SQL is reused
+        changed = WrittenAfter(kept.seq)
         terms: tuple[Term, ...] = (AnyOf((Not(changed), formula)),)
         if kept.term is not None:
             terms += (AnyOf((Not(kept.term), changed)),)
-        self._keep(key, (kept, dirty, settled, formula, terms))
+        self._keep(key, (kept, formula, terms))
         return terms
 
-    def _withheld(self, type_: str, whole: Filter) -> tuple[Withheld | None, frozenset[str]]:
-        """The caller's withheld set of ``type_`` and the resources changed since it
-        was computed; no set while it is computed (in the background), when it is
-        too large to be worth it, or when too much changed since."""
+    def _withheld(self, type_: str, whole: Filter) -> Withheld | None:
+        """The caller's withheld set of ``type_``; none while it is computed (in the
+        background), when it is too large to be worth it, or when too much changed
+        since it was computed."""
         key = ("withheld", *self._key(type_))
         kept = self.ledger.filters.get(key)
         if kept is None or kept.until < self.accessor.now:
             self._compute(key, type_, whole)
-            return None, frozenset()
+            return None
         if kept.ids is None:
-            return None, frozenset()
-        dirty = self.book.touched_since(type_, kept.seq)
-        if dirty is None or len(dirty) > MAX_CHANGED:
+            return None
+        changes = self.book.changes_since(type_, kept.seq)
+        if changes is None or changes > MAX_CHANGED:
             self._compute(key, type_, whole)
-            return None, frozenset()
-        if len(dirty) > MAX_CHANGED // 2:  # compute afresh before the changes pile up
+            return None
+        if changes > MAX_CHANGED // 2:  # compute afresh before the changes pile up
             self._compute(key, type_, whole)
-        return kept, dirty
+        return kept
 
     def _compute(self, key: tuple, type_: str, whole: Filter) -> None:
         """Compute the caller's withheld set of ``type_`` in the background (once)."""

@@ -113,6 +113,7 @@ from hie.store.query import (
     Query,
     Sort,
     Term,
+    WrittenAfter,
 )
 
 #: Parses stored JSON with FHIR decimals as BSON Decimal128 (precision intact);
@@ -137,6 +138,8 @@ _HISTORY_INDEXES = [
     IndexModel([("lu", DESCENDING), ("seq", DESCENDING)]),
     IndexModel([("t", ASCENDING), ("lu", DESCENDING), ("seq", DESCENDING)]),
 ]
+#: The outbox by type and sequence (what a type had written after a point).
+_OUTBOX_INDEXES = [IndexModel([("t", ASCENDING), ("_id", ASCENDING)])]
 #: For the ``snapshots`` and ``claims`` collections.
 _EXPIRY_INDEXES = [IndexModel([("exp", ASCENDING)], expireAfterSeconds=0)]
 _HISTORY_ORDER = {"lu": -1, "seq": -1}
@@ -166,8 +169,8 @@ def _term(term: Term) -> dict[str, Any]:
         return {"$or": [_term(t) for t in term.terms]} if term.terms else {"_id": {"$in": []}}
     if isinstance(term, Not):
         return {"$nor": [_term(term.term)]}
-    if isinstance(term, Chain | Has):
-        raise TypeError(f"resolve chains and _has before translating: {term!r}")
+    if isinstance(term, Chain | Has | WrittenAfter):
+        raise TypeError(f"resolve chains, _has and WrittenAfter before translating: {term!r}")
     raise TypeError(f"not a query term: {term!r}")
 
 
@@ -318,6 +321,7 @@ class MongoStore(Store):
         except OperationFailure as exc:
             if exc.code != _NAMESPACE_EXISTS:
                 raise
+        await self._db["outbox"].create_indexes(_OUTBOX_INDEXES)
         await self._db["counters"].update_one(
             {"_id": _OUTBOX_SEQ}, {"$setOnInsert": {"n": 0}}, upsert=True
         )
@@ -435,9 +439,10 @@ class MongoStore(Store):
         )
 
     async def resolve(self, type_: str, query: Query, session: Any = None) -> Query:
-        """``query`` with its chains and ``_has`` terms replaced by what the inner
-        queries found: a chain by a ``Match`` of its parameter's ``text`` ``in`` the
-        targets' references, a ``_has`` by an :class:`IdIn` of the referenced ids."""
+        """``query`` with its chains, ``_has`` and :class:`WrittenAfter` terms replaced
+        by what the inner queries found: a chain by a ``Match`` of its parameter's
+        ``text`` ``in`` the targets' references, a ``_has`` by an :class:`IdIn` of the
+        referenced ids, a :class:`WrittenAfter` by one of the ids the outbox shows."""
         return tuple([await self._resolve(type_, t, session) for t in query])
 
     async def _resolve(self, type_: str, term: Term, session: Any) -> Term:
@@ -457,6 +462,10 @@ class MongoStore(Store):
             ]
             docs = await (await self._db[term.type].aggregate(pipeline, session=session)).to_list()
             return IdIn(tuple(d["_id"][len(prefix) :] for d in docs))
+        if isinstance(term, WrittenAfter):
+            events = {"t": type_, "_id": {"$gt": term.seq}}
+            docs = await self._db["outbox"].find(events, {"i": 1}, session=session).to_list()
+            return IdIn(tuple(dict.fromkeys(d["i"] for d in docs)))
         if isinstance(term, AnyOf):
             return AnyOf(tuple([await self._resolve(type_, t, session) for t in term.terms]))
         if isinstance(term, Not):

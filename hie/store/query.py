@@ -14,6 +14,8 @@ small so that both adapters translate it directly (SQL subqueries, MongoDB
   ``target`` that matches a nested query (FHIR's chaining ``subject.name=``);
 * :class:`Has`: some current resource of another type that matches a nested query
   refers to this resource through one of its reference rows (FHIR's ``_has``);
+* :class:`WrittenAfter`: the resource was written after a position of the outbox
+  (the consent engine decides such resources afresh beside a kept set);
 * a :data:`Query` is a tuple of terms that must all hold (FHIR's ``&``, AND).
 
 Column meanings by parameter kind:
@@ -112,6 +114,14 @@ class IdSet:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenAfter:
+    """The resource has a version written after outbox position ``seq`` (an outbox
+    event with a greater sequence number), in the same read as the rest of the query."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class AnyOf:
     """At least one of ``terms`` holds."""
 
@@ -153,7 +163,7 @@ class Sort:
     descending: bool = False
 
 
-Term = Match | IdIn | IdSet | AnyOf | Not | Chain | Has
+Term = Match | IdIn | IdSet | WrittenAfter | AnyOf | Not | Chain | Has
 Query = tuple[Term, ...]
 
 

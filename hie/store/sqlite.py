@@ -17,7 +17,9 @@ correlated with one resource id, answered through the ``(type, id, param)`` inde
 negated term whose set is small is checked as ``id NOT IN (set)``: the set is built
 once per statement instead of probed per resource (the consent filter's shape). An
 ``IdSet`` (a large id set many queries reuse: a caller's withheld resources) is a
-temporary table of each reader connection, filled once (:class:`TempSets`).
+temporary table of each reader connection, filled once (:class:`TempSets`). A
+``WrittenAfter`` term reads the type's outbox events after its position through the
+``outbox_type`` index: a few recent ids, one set per statement.
 The term expected to match least (a capped ``count`` probe of its set, see
 :data:`PROBE`) drives: its set is materialised and every other term is checked per
 id, so cost follows the smallest set, not the number of resources. ``prefix`` is an
@@ -83,6 +85,7 @@ from hie.store.query import (
     Query,
     Sort,
     Term,
+    WrittenAfter,
 )
 
 SCHEMA_VERSION = 1
@@ -142,6 +145,7 @@ SCHEMA = (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL
     )""",
+    "CREATE INDEX IF NOT EXISTS outbox_type ON outbox (type, seq)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS claims (
         key TEXT PRIMARY KEY, expires TEXT NOT NULL
@@ -178,6 +182,8 @@ _PART_SEEK_COLUMNS = frozenset({"text", "low", "nlow"})
 _ASC = "coalesce({0}.low, {0}.nlow, {0}.text)"
 _DESC = "coalesce({0}.high, {0}.nhigh, {0}.text)"
 _VERSION_COLS = "type, id, version, last_updated, method, body"
+#: The ids of a type's outbox events after a sequence number (WrittenAfter).
+_WRITTEN_AFTER = "SELECT id FROM outbox WHERE type = ? AND seq > ?"
 #: Page cache per connection: the writer's holds the index pages that commits touch.
 WRITER_CACHE_MB = 64
 READER_CACHE_MB = 16
@@ -383,7 +389,10 @@ class _Compiler:
         if not isinstance(term, AnyOf):
             return False
         for alt in term.terms:
-            if isinstance(alt, Not) and isinstance(alt.term, Match) and self._seekable(alt.term):
+            if isinstance(alt, Not) and (
+                isinstance(alt.term, WrittenAfter)
+                or (isinstance(alt.term, Match) and self._seekable(alt.term))
+            ):
                 sql, params, _ = self._set(type_, alt.term)
                 if self.conn.execute(f"SELECT 1 FROM ({sql}) LIMIT 1", params).fetchone() is None:
                     return True
@@ -486,6 +495,8 @@ class _Compiler:
         if isinstance(term, IdSet):
             sql = "SELECT r.id FROM temp.idsets s JOIN resources r ON r.type = ? AND r.id = s.id"
             return f"{sql} WHERE s.n = ? AND r.body IS NOT NULL", [type_, self._idset(term)], True
+        if isinstance(term, WrittenAfter):  # the type's events after seq (outbox_type)
+            return _WRITTEN_AFTER, [type_, term.seq], False
         if isinstance(term, AnyOf):
             if not term.terms:
                 return "SELECT NULL AS id WHERE 0", [], True
@@ -554,6 +565,8 @@ class _Compiler:
         if isinstance(term, IdSet):  # a probe of the set's rows, not the set built
             sql = f"EXISTS (SELECT 1 FROM temp.idsets WHERE n = ? AND id = {id_expr})"
             return sql, [self._idset(term)]
+        if isinstance(term, WrittenAfter):  # a few recent events: one set per statement
+            return f"{id_expr} IN ({_WRITTEN_AFTER})", [type_, term.seq]
         if isinstance(term, AnyOf):
             if not term.terms:
                 return "0", []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from contextlib import ExitStack
-from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,17 +12,18 @@ from fastapi.testclient import TestClient
 from hie.access import consents
 from hie.app import create_app
 from hie.config import Settings
+from hie.store.query import WrittenAfter
 from tests.conftest import make_store
 from tests.consent.world import World
 
 
 @pytest.fixture(params=["recent", "settled"])
 def settle(request, monkeypatch) -> str:
-    """Every resource of the test counts as recently changed, so the store decides it
-    by the consent formula (as it does within ``SETTLE`` of a write), or none does, so
-    that searches are decided by the callers' withheld sets alone."""
-    if request.param == "settled":
-        monkeypatch.setattr(consents, "SETTLE", -timedelta(hours=1))
+    """Every resource of the test counts as written after the callers' withheld sets,
+    so the store decides it by the consent formula (as it does for a resource written
+    since its set was computed), or the sets decide all but what was written since."""
+    if request.param == "recent":
+        monkeypatch.setattr(consents, "WrittenAfter", lambda seq: WrittenAfter(0))
     return request.param
 
 

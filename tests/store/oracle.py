@@ -28,6 +28,7 @@ from hie.store.query import (
     Query,
     Sort,
     Term,
+    WrittenAfter,
     row_matches,
 )
 
@@ -38,8 +39,10 @@ PARAMS = ["p", "q", "r"]
 COMPOSITE = "c"
 REF = "ref"
 
-#: {type: {id: (last_updated, rows)}} of live resources.
-World = dict[str, dict[str, tuple[str, tuple[IndexRow, ...]]]]
+#: {type: {id: (last_updated, rows)}} of live resources; under :data:`WRITTEN`,
+#: optionally, {(type, id): outbox sequence number of its last write}.
+World = dict[str, dict]
+WRITTEN = "_written"
 
 
 def evaluate(world: World, type_: str, id_: str, term: Term) -> bool:
@@ -49,6 +52,8 @@ def evaluate(world: World, type_: str, id_: str, term: Term) -> bool:
         return any(r.param == term.param and row_matches(r, term.conds) for r in rows)
     if isinstance(term, IdIn | IdSet):
         return id_ in term.ids
+    if isinstance(term, WrittenAfter):
+        return world.get(WRITTEN, {}).get((type_, id_), 0) > term.seq
     if isinstance(term, AnyOf):
         return any(evaluate(world, type_, id_, t) for t in term.terms)
     if isinstance(term, Not):

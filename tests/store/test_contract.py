@@ -24,6 +24,7 @@ from hie.store.query import (
     Query,
     Sort,
     Term,
+    WrittenAfter,
 )
 from tests.store.oracle import check_against_oracle
 
@@ -1077,6 +1078,35 @@ async def test_unindexed_lists_writes_indexed_later_until_they_get_rows(store: S
     await store.commit([delete("Thing", "e", 3, ts(5))])
     assert await store.unindexed("Thing", 10) == []
     assert await found(store, "Thing", name("x")) == {"a", "d"}
+
+
+async def test_written_after_an_outbox_position(store: Store):
+    """WrittenAfter(seq): resources of the query's type with a version written after
+    outbox position ``seq``, read in the same query (what the consent engine decides
+    afresh beside a withheld set computed at ``seq``)."""
+    await store.commit([put("Thing", i, 1, ts(1), index=(named(i),)) for i in "abc"])
+    await store.commit([put("Other", "b", 1, ts(1))])
+    mark = await store.last_event()
+    assert await found(store, "Thing", WrittenAfter(mark)) == set()
+    assert await found(store, "Thing", Not(WrittenAfter(mark))) == {"a", "b", "c"}
+    await store.commit([put("Thing", "b", 2, ts(2), index=(named("b"),))])
+    await store.commit([put("Thing", "d", 1, ts(3), index=(named("d"),))])
+    await store.commit([delete("Thing", "c", 2, ts(4)), put("Other", "a", 1, ts(4))])
+    assert await found(store, "Thing", WrittenAfter(mark)) == {"b", "d"}  # c: deleted
+    assert await found(store, "Thing", Not(WrittenAfter(mark))) == {"a"}
+    assert await found(store, "Thing", WrittenAfter(0)) == {"a", "b", "d"}
+    assert await found(store, "Other", WrittenAfter(mark)) == {"a"}
+    # as consent uses it: "not written since, or else matches" beside other terms
+    either = AnyOf((Not(WrittenAfter(mark)), name("d")))
+    assert await found(store, "Thing", either) == {"a", "d"}
+    assert await found(store, "Thing", either, name("b")) == set()
+    assert (await store.search("Thing", (either,), count=0)).total == 2
+    latest = await store.last_event()
+    nothing_since = AnyOf((Not(WrittenAfter(latest)), name("zz")))
+    assert await found(store, "Thing", nothing_since) == {"a", "b", "d"}
+    assert await found(store, "Thing", nothing_since, name("b")) == {"b"}
+    matched = await store.match_ids("Thing", (AnyOf((WrittenAfter(mark), name("a"))),), limit=10)
+    assert {i for i, _ in matched} == {"a", "b", "d"}
 
 
 # --- snapshots ---------------------------------------------------------------------
