@@ -1067,10 +1067,14 @@ class SqliteStore(Store):
         self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
     ) -> int:
         """Replace the index rows of each live resource still at its given version, in
-        one commit; returns how many were replaced."""
+        one commit; returns how many were replaced. The commit does not wait for the
+        disk (``synchronous=NORMAL``): index rows can be computed again, and a crash
+        loses the commit whole, pending marks included, which the next durable commit
+        of this file (WAL frames are written in order) or a new indexing restores."""
 
         def run() -> int:
             conn = self._write_conn
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 done = 0
@@ -1091,6 +1095,8 @@ class SqliteStore(Store):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            finally:
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
         return await self._run_write(run) if entries else 0
 

@@ -8,7 +8,7 @@ those resources their rows in batches, in the background every
 search sees every resource committed before it began, as if indexed at write time.
 
 In batches, the rows of many records share the index pages a commit rewrites: indexing
-50 records costs one commit instead of 50 small ones on the request path. Batches are
+20 records costs one commit instead of 20 small ones on the request path. Batches are
 kept small so that a batch's commit holds up the requests' commits (one writer) for a
 few milliseconds only.
 Rows left unindexed by a crash are indexed by the next catch-up, by any process.
@@ -26,11 +26,11 @@ from hie.store.query import IndexRow
 log = logging.getLogger("hie.search")
 
 #: Resources indexed per commit.
-BATCH = 50
+BATCH = 20
 #: Seconds between background catch-ups.
 INTERVAL = 1.0
 #: Resources indexed between two turns of the event loop.
-_YIELD_EVERY = 10
+_YIELD_EVERY = 5
 
 Rows = Callable[[Version], Sequence[IndexRow]]
 
