@@ -66,8 +66,8 @@ UNFILTERED = WATCHED | EXEMPT_TYPES | frozenset(INTERNAL_TYPES)
 #: Most resources of a type one caller's withheld set holds; with more, the store
 #: decides each resource by the consent formula instead.
 MAX_WITHHELD = 100_000
-#: Changed resources remembered per type to bring withheld sets up to date; when
-#: older changes are forgotten, a set is computed afresh.
+#: Changes counted per type to tell when a withheld set is worth computing afresh;
+#: when older changes are forgotten, a set is computed afresh.
 MAX_TOUCHED = 100_000
 #: Withheld sets up to this size are written into each query; larger ones are kept by
 #: the store between queries (an IdSet).
@@ -136,9 +136,9 @@ class Withheld:
 class ConsentBook:
     """The active patient-privacy Consents by person, following the store's outbox.
 
-    Besides the Consents it remembers which resources changed (outbox events of other
-    types), so that the sets of resources a caller may not see (:class:`Withheld`)
-    are brought up to date by deciding only those again."""
+    Besides the Consents it counts the changes of other types (outbox events), so that
+    a set of resources a caller may not see (:class:`Withheld`) is computed afresh once
+    many resources were written since (the store decides those by the formula)."""
 
     def __init__(
         self,
@@ -160,8 +160,8 @@ class ConsentBook:
         self.enabled = enabled
         self._ledger = Ledger()
         self._seq: int | None = None
-        #: type -> (outbox seq, id) of its changed resources, oldest first
-        self._touched: dict[str, list[tuple[int, str]]] = {}
+        #: type -> outbox seqs of its changes, oldest first
+        self._touched: dict[str, list[int]] = {}
         #: type -> the seq up to which changes of that type were forgotten
         self._forgot: dict[str, int] = {}
         self._touched_seq = 0
@@ -204,16 +204,16 @@ class ConsentBook:
         return False
 
     def _touch(self, events: Sequence) -> None:
-        """Remember the resources ``events`` changed (see :meth:`touched_since`)."""
+        """Count the changes ``events`` made, per type (see :meth:`changes_since`)."""
         for event in events:
             if event.seq <= self._touched_seq or event.type in UNFILTERED:
                 continue
             self._touched_seq = event.seq
             changes = self._touched.setdefault(event.type, [])
-            changes.append((event.seq, event.id))
+            changes.append(event.seq)
             if len(changes) > MAX_TOUCHED:
                 half = len(changes) // 2
-                self._forgot[event.type] = changes[half - 1][0]
+                self._forgot[event.type] = changes[half - 1]
                 del changes[:half]
 
     def changes_since(self, type_: str, seq: int) -> int | None:
@@ -222,7 +222,7 @@ class ConsentBook:
         if self._forgot.get(type_, -1) > seq:
             return None
         changes = self._touched.get(type_, ())
-        return len(changes) - bisect.bisect_right(changes, (seq, "\U0010ffff"))
+        return len(changes) - bisect.bisect_right(changes, seq)
 
     async def _load(self) -> None:
         """Read every Consent (at startup, or once the outbox lost track)."""
