@@ -36,20 +36,19 @@ Rows = Callable[[Version], Sequence[IndexRow]]
 
 
 class LaterIndex:
-    """Indexes the resources of :attr:`types` stored without index rows, using
-    ``rows`` (a stored version's index rows) on ``store``."""
+    """Indexes the resources of the types declared with :meth:`add` stored without
+    index rows, using ``rows`` (a stored version's index rows) on ``store``."""
 
     def __init__(self, store: Store, rows: Rows):
         self.store = store
         #: Seconds between the background catch-ups of :meth:`run`.
         self.interval = INTERVAL
-        self.types: set[str] = set()
         self._rows = rows
+        #: one lock per declared type: one indexer at a time
         self._locks: dict[str, asyncio.Lock] = {}
 
     def add(self, type_: str) -> None:
         """Declare that ``type_`` may be written with ``later`` (by any process)."""
-        self.types.add(type_)
         self._locks.setdefault(type_, asyncio.Lock())
 
     async def catch_up(self, type_: str) -> int:
@@ -77,7 +76,7 @@ class LaterIndex:
         cancelled."""
         while True:
             await asyncio.sleep(self.interval)
-            for type_ in sorted(self.types):
+            for type_ in sorted(self._locks):
                 try:
                     await self.catch_up(type_)
                 except Exception:  # the next round or a search retries
