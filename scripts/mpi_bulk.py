@@ -85,6 +85,9 @@ class BulkLoader:
         self.records: dict[str, Record] = {}
         #: golden record id of every member record loaded or found in the store
         self.golden_of: dict[str, str] = {}
+        #: stored body of each member record of the current load, until its golden record
+        #: is built (the golden phase then reads no member back from the store)
+        self.bodies: dict[str, bytes] = {}
 
     def _id(self) -> str:
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
@@ -95,7 +98,7 @@ class BulkLoader:
         store = SqliteStore(self.data_dir, synchronous="OFF")
         await store.open()
         # A big page cache for this loading connection only (the server opens its own).
-        await store._run_write(lambda: store._write_conn.execute("PRAGMA cache_size=-2097152"))
+        await store._run_write(lambda: store._write_conn.execute("PRAGMA cache_size=-6291456"))
         service = FhirService(store, Settings(data_dir=self.data_dir), Registry())
         index = PatientIndex(store, service.new_write)
         start = time.perf_counter()
@@ -116,13 +119,14 @@ class BulkLoader:
                         rate = len(ids) / (time.perf_counter() - start)
                         log.warning("  registered %s (%.0f/s)", f"{len(ids):,}", rate)
             await committer.put(state.pending.writes())
-            await committer.drain()  # golden records read their members from the store
+            await committer.drain()  # golden records already stored are read back
             registered = time.perf_counter() - start
             goldens = list(touched.items())
             for i in range(0, len(goldens), BATCH):
                 state = index.state()
                 for golden_id, members in goldens[i : i + BATCH]:
-                    await rebuild(state, golden_id, add=members)
+                    bodies = {m: orjson.loads(self.bodies.pop(m)) for m in members}
+                    await rebuild(state, golden_id, add=members, bodies=bodies)
                 await committer.put(state.pending.writes())
             await committer.drain()
             await mark_index_current(service)
@@ -186,7 +190,9 @@ class BulkLoader:
         golden_id = target or self._id()
         stats["links" if target else "new"] += 1
         body = with_link(resource, golden_id)
-        state.pending.put(index.new_write("Patient", pid, body, None, "POST"))
+        write = index.new_write("Patient", pid, body, None, "POST")
+        state.pending.put(write)
+        self.bodies[pid] = write.body
         put_record(
             state, pid, record_body(pid, golden_id, body, record, keys, decision.reason), ABSENT
         )

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""What one audit record costs: CPU per AuditEvent on the embedded store, by stage.
+
+Every audited request writes one AuditEvent (``hie.audit``). This benchmark takes the
+record of a typical read (a client of a member organisation reads an Observation of a
+patient) through the stages it passes in the server, in-process and without HTTP, and
+gives the CPU each costs per record:
+
+* ``build``: the AuditEvent's body (:func:`hie.audit.events.audit_event`), on the event
+  loop of the request;
+* ``append``: :meth:`hie.audit.log.AuditLog.append` by ``--group`` concurrent callers, so
+  that records share group commits as concurrent requests do: chaining, hashing, the
+  chain head and the store commit (``synchronous=FULL``);
+* ``index``: :meth:`hie.fhir.search.later.LaterIndex.catch_up` of those records (their
+  search index rows, written behind the requests), split into ``extract`` (the rows,
+  through the SearchParameters' FHIRPath) and ``store`` (reading the pending records and
+  committing their rows);
+
+against the baseline ``raw``: :meth:`SqliteStore.commit` of the same bodies as
+pre-built writes, ``--group`` to a commit, without chain or index rows (the least a
+durable append of the record costs through the store port).
+
+The log is first filled to each of ``--sizes`` records (by ``AuditLog.append``, indexed),
+so that growth shows. CPU is the process's (all threads; nothing else runs in it), per
+record, the median of ``--rounds`` rounds of ``--records`` records.
+
+Output: a Markdown table on stdout (``--json PATH`` also writes the figures); progress on
+stderr.
+
+Example::
+
+    .venv/bin/python scripts/bench_audit.py --sizes 1k,10k,100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import log, machine_info, parse_size, run_async
+
+from hie.access.keys import KeyRing
+from hie.access.principal import Principal
+from hie.audit.events import Where, audit_event
+from hie.audit.log import AuditLog
+from hie.config import Settings
+from hie.fhir.search.registry import Registry
+from hie.fhir.service import FhirService
+from hie.store.sqlite import SqliteStore
+
+STAGES = ("build", "append", "index", "extract", "store", "raw")
+_PRINCIPAL = Principal(
+    "emr-client", ("system/*.rs",), organization="Organization/member-1", token_id="t-1"
+)
+_WHERE = Where("http://127.0.0.1:8080/fhir", "10.0.0.7")
+
+
+def read_event(n: int) -> dict:
+    """The AuditEvent of the ``n``-th read: an Observation of one of 500 patients."""
+    return audit_event(
+        _WHERE,
+        _PRINCIPAL,
+        "read",
+        status=200,
+        resources=[f"Observation/obs-{n}/_history/1"],
+        patients=[f"Patient/pat-{n % 500}"],
+    )
+
+
+class Bench:
+    """A fresh store with the server's audit log and record indexing."""
+
+    def __init__(self, data_dir: Path, group: int):
+        self.group = group
+        self.store = SqliteStore(data_dir)
+        self.service = FhirService(self.store, Settings(data_dir=data_dir), Registry())
+        later = self.service.engine.later
+        later.add("AuditEvent")
+        self.later = later
+        self.audit = AuditLog(
+            self.store,
+            KeyRing(data_dir / "keys"),
+            lambda type_, id_, body: self.service.new_write(
+                type_, id_, body, None, "POST", later=True
+            ),
+        )
+        self.made = 0  # events built so far (their numbers)
+        self.raw_ids = 0
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.audit.start()
+
+    async def stop(self) -> None:
+        await self.audit.stop()
+        await self.store.close()
+
+    async def append(self, count: int) -> None:
+        """Append ``count`` read records, ``group`` concurrent callers at a time."""
+        for start in range(0, count, self.group):
+            n = min(self.group, count - start)
+            events = [read_event(self.made + k) for k in range(n)]
+            self.made += n
+            await asyncio.gather(*(self.audit.append([e]) for e in events))
+
+    async def round(self, count: int) -> dict[str, float]:
+        """CPU µs per record of each stage over ``count`` new records."""
+        out = {}
+        t = time.process_time()
+        for k in range(count):
+            read_event(self.made + k)
+        out["build"] = time.process_time() - t
+
+        t = time.process_time()
+        await self.append(count)
+        out["append"] = time.process_time() - t
+
+        extracted = 0.0
+        rows = self.later._rows
+
+        def timed(version):
+            nonlocal extracted
+            t0 = time.process_time()
+            found = rows(version)
+            extracted += time.process_time() - t0
+            return found
+
+        self.later._rows = timed
+        t = time.process_time()
+        indexed = await self.later.catch_up("AuditEvent")
+        out["index"] = time.process_time() - t
+        self.later._rows = rows
+        if indexed < count:
+            raise RuntimeError(f"indexed {indexed} of {count} new records")
+        out["extract"] = extracted
+        out["store"] = out["index"] - extracted
+
+        writes = []
+        for k in range(count):
+            self.raw_ids += 1
+            body = read_event(self.made + k)
+            writes.append(
+                self.service.new_write(
+                    "AuditEvent", f"raw-{self.raw_ids}", body, None, "POST", indexed=False
+                )
+            )
+        t = time.process_time()
+        for start in range(0, count, self.group):
+            await self.store.commit(writes[start : start + self.group])
+        out["raw"] = time.process_time() - t
+        return {k: v / count * 1e6 for k, v in out.items()}
+
+
+async def measure(args: argparse.Namespace) -> list[dict]:
+    steps = []
+    with tempfile.TemporaryDirectory(prefix="hie-bench-audit-") as tmp:
+        bench = Bench(Path(tmp), args.group)
+        await bench.start()
+        try:
+            stored = 0
+            for size in args.sizes:
+                log(f"filling the log to {size:,} records")
+                while stored < size:
+                    chunk = min(5000, size - stored)
+                    await bench.append(chunk)
+                    await bench.later.catch_up("AuditEvent")
+                    stored += chunk
+                rounds = []
+                for r in range(args.rounds):
+                    rounds.append(await bench.round(args.records))
+                    stored += args.records
+                    log(f"  {size:,} round {r + 1}: " + _line(rounds[-1]))
+                medians = {k: statistics.median(r[k] for r in rounds) for k in STAGES}
+                steps.append({"size": size, "us_per_record": medians, "rounds": rounds})
+        finally:
+            await bench.stop()
+    return steps
+
+
+def _line(figures: dict[str, float]) -> str:
+    return ", ".join(f"{k} {figures[k]:.0f}" for k in STAGES)
+
+
+def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
+    lines = [
+        f"Machine: {machine}",
+        f"Records per round: {args.records:,}, {args.rounds} rounds (median), "
+        f"{args.group} records per group commit",
+        "",
+        "| records stored | build µs | append µs | index µs (extract + store) | "
+        "audit total µs | raw store append µs | total ÷ raw |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for step in steps:
+        f = step["us_per_record"]
+        total = f["build"] + f["append"] + f["index"]
+        lines.append(
+            f"| {step['size']:,} | {f['build']:.0f} | {f['append']:.0f} | "
+            f"{f['index']:.0f} ({f['extract']:.0f} + {f['store']:.0f}) | {total:.0f} | "
+            f"{f['raw']:.0f} | {total / f['raw']:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1k,10k,100k", help="records in the log before measuring")
+    p.add_argument("--records", type=int, default=3000, help="records per measured round")
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds per size (median)")
+    p.add_argument("--group", type=int, default=5, help="concurrent callers per group commit")
+    p.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.sizes != sorted(args.sizes):
+        p.error("--sizes must be ascending")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    machine = machine_info()
+    steps = run_async(measure(args))
+    print(report(args, steps, machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "steps": steps}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
