@@ -46,6 +46,22 @@ def open_store(settings: Settings) -> Store:
     return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
 
 
+def audit_log(service: FhirService, keys: KeyRing, settings: Settings) -> AuditLog:
+    """The audit log of ``service``'s store, seals signed with ``keys``. Its records (one
+    per request) are stored without search index rows: the service's
+    :class:`~hie.fhir.search.later.LaterIndex` adds them in batches behind the requests
+    (once the audit types are declared to it, as :func:`create_app` does)."""
+    return AuditLog(
+        service.store,
+        keys,
+        lambda type_, id_, resource: service.new_write(
+            type_, id_, resource, None, "POST", later=True
+        ),
+        seal_records=settings.audit_seal_records,
+        seal_seconds=settings.audit_seal_seconds,
+    )
+
+
 def _error_response(status: int, issues: list[Issue], headers: dict | None = None) -> Response:
     return fhir_response(status, outcome(issues), Format(), headers)
 
@@ -77,21 +93,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         base=settings.base_url,
     )
     service.consents = consents
-    for type_ in AUDIT_TYPES:  # one record per request: indexed in batches, behind it
+    for type_ in AUDIT_TYPES:  # one record per request (by any process sharing the store)
         service.engine.later.add(type_)
     keys = KeyRing(settings.keys_path)
-    audit = None
-    if settings.audit:
-        audit = AuditLog(
-            store,
-            keys,
-            lambda type_, id_, resource: service.new_write(
-                type_, id_, resource, None, "POST", later=True
-            ),
-            seal_records=settings.audit_seal_records,
-            seal_seconds=settings.audit_seal_seconds,
-        )
-    elif settings.auth:
+    audit = audit_log(service, keys, settings) if settings.audit else None
+    if audit is None and settings.auth:
         raise ValueError("HIE_AUDIT=off is allowed only with HIE_AUTH=off (local development)")
 
     @asynccontextmanager
