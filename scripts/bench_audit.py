@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import log, machine_info, parse_size, run_async
+from bench_common import ascending_sizes, log, machine_info, run_async
 
 from hie.access.keys import KeyRing
 from hie.access.principal import Principal
@@ -200,16 +200,17 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1k,10k,100k", help="records in the log before measuring")
+    p.add_argument(
+        "--sizes",
+        type=ascending_sizes,
+        default="1k,10k,100k",
+        help="records in the log before measuring, ascending",
+    )
     p.add_argument("--records", type=int, default=3000, help="records per measured round")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per size (median)")
     p.add_argument("--group", type=int, default=5, help="concurrent callers per group commit")
     p.add_argument("--json", type=Path, help="also write every figure as JSON here")
-    args = p.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    if args.sizes != sorted(args.sizes):
-        p.error("--sizes must be ascending")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -316,6 +316,15 @@ def parse_size(text: str) -> int:
     return value
 
 
+def ascending_sizes(text: str) -> list[int]:
+    """A ``--sizes`` argument: comma-separated sizes (``1k``, ``10k``, ``1m`` ...),
+    ascending (each step adds to the data of the one before)."""
+    sizes = [parse_size(s) for s in text.split(",") if s.strip()]
+    if not sizes or sizes != sorted(sizes):
+        raise argparse.ArgumentTypeError("sizes must be given in ascending order")
+    return sizes
+
+
 def run_async(main: Awaitable[Any]) -> Any:
     """Run a coroutine on uvloop when installed (as uvicorn does), else asyncio."""
     try:

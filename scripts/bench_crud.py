@@ -77,6 +77,7 @@ from bench_common import (  # the scripts' shared helpers, next to this file
     HOST,
     LOINC,
     Server,
+    ascending_sizes,
     clean_env,
     die_with_parent,
     fmt_ms,
@@ -86,7 +87,6 @@ from bench_common import (  # the scripts' shared helpers, next to this file
     log,
     machine_busy_seconds,
     machine_info,
-    parse_size,
     percentile,
     run_async,
     tree_cpu_seconds,
@@ -1275,6 +1275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sizes",
+        type=ascending_sizes,
         default="1k,10k,100k",
         help="store sizes (resources) to measure at, ascending, e.g. 1k,10k,100k",
     )
@@ -1336,9 +1337,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_bare is None:
-        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-        if args.sizes != sorted(args.sizes):
-            p.error("--sizes must be ascending (the store only grows)")
         if args.concurrency < 1 or args.bundle_size < 2 or args.duration <= 0:
             p.error("--concurrency >= 1, --bundle-size >= 2 and --duration > 0 required")
         if args.ops is not None and args.ops < 1:

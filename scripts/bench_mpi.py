@@ -55,6 +55,7 @@ from bench_common import (  # the scripts' shared helpers, next to this file
     FHIR_JSON,
     HOST,
     Server,
+    ascending_sizes,
     clean_env,
     fmt_ms,
     fmt_num,
@@ -62,7 +63,6 @@ from bench_common import (  # the scripts' shared helpers, next to this file
     hie_executable,
     log,
     machine_info,
-    parse_size,
     percentile,
     run_async,
 )
@@ -450,7 +450,12 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="10k,100k", help="people (golden records) per step")
+    p.add_argument(
+        "--sizes",
+        type=ascending_sizes,
+        default="10k,100k",
+        help="people (golden records) per step, ascending",
+    )
     p.add_argument("--queries", type=int, default=400, help="$match queries per phase")
     p.add_argument("--concurrency", type=int, default=4, help="clients of the loaded phases")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per registration phase")
@@ -466,11 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write every figure as JSON here")
     p.add_argument("--workdir", type=Path, help="a new directory for the data, kept afterwards")
-    args = p.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    if args.sizes != sorted(args.sizes):
-        p.error("--sizes must be ascending")
-    return args
+    return p.parse_args(argv)
 
 
 def main() -> None:
