@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         base=settings.base_url,
     )
     service.consents = consents
-    for type_ in AUDIT_TYPES:  # one record per request (by any process sharing the store)
+    for type_ in AUDIT_TYPES:  # even with auditing off: another process may write them
         service.engine.later.add(type_)
     keys = KeyRing(settings.keys_path)
     audit = audit_log(service, keys, settings) if settings.audit else None
