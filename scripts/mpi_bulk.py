@@ -51,6 +51,7 @@ from hie.mpi.clusters import (
     review_body,
     with_link,
 )
+from hie.mpi.golden import golden_body
 from hie.mpi.index import PatientIndex
 from hie.mpi.link import REVIEW
 from hie.mpi.model import MATCH
@@ -110,10 +111,13 @@ class BulkLoader:
             committer = _Committer(store)
             ids: list[str] = []
             touched: dict[str, list[str]] = {}
+            new_goldens: set[str] = set()  # golden records this load creates
             state = index.state()
             stats = {"links": 0, "reviews": 0, "new": 0}
             for member, patient in registrations:
-                ids.append(await self._register(index, state, member, patient, touched, stats))
+                ids.append(
+                    await self._register(index, state, member, patient, touched, new_goldens, stats)
+                )
                 if len(state.pending.planned) >= BATCH * 3:
                     await committer.put(state.pending.writes())
                     state = index.state()
@@ -127,8 +131,16 @@ class BulkLoader:
             for i in range(0, len(goldens), BATCH):
                 state = index.state()
                 for golden_id, members in goldens[i : i + BATCH]:
-                    bodies = {m: orjson.loads(self.bodies.pop(m)) for m in members}
-                    await rebuild(state, golden_id, add=members, bodies=bodies)
+                    bodies = [orjson.loads(self.bodies.pop(m)) for m in members]
+                    if golden_id in new_goldens:  # nothing stored to read: build it alone
+                        state.put_patient(golden_id, golden_body(golden_id, bodies), ABSENT)
+                    else:
+                        await rebuild(
+                            state,
+                            golden_id,
+                            add=members,
+                            bodies=dict(zip(members, bodies, strict=True)),
+                        )
                 await committer.put(state.pending.writes())
             await committer.drain()
             rebuilt = time.perf_counter()
@@ -176,6 +188,7 @@ class BulkLoader:
         member: str,
         patient: dict,
         touched: dict[str, list[str]],
+        new_goldens: set[str],
         stats: dict,
     ) -> str:
         """Decide and plan one new member record, as :meth:`PatientIndex.index` does."""
@@ -195,6 +208,8 @@ class BulkLoader:
             if s.cluster != target and (decision.action == REVIEW or s.classification == MATCH)
         ]
         golden_id = target or self._id()
+        if target is None:
+            new_goldens.add(golden_id)
         stats["links" if target else "new"] += 1
         body = with_link(resource, golden_id)
         write = index.new_write("Patient", pid, body, None, "POST")
