@@ -14,7 +14,6 @@ from starlette.responses import Response
 from hie.access.clients import ClientRegistry
 from hie.access.consent_decision import router as consent_router
 from hie.access.consents import ConsentBook
-from hie.access.decision import AUDIT_TYPES
 from hie.access.keys import KeyRing
 from hie.access.patients import PatientLinks
 from hie.access.routes import register as register_auth_routes
@@ -47,15 +46,13 @@ def open_store(settings: Settings) -> Store:
 
 
 def audit_log(service: FhirService, keys: KeyRing, settings: Settings) -> AuditLog:
-    """The audit log of ``service``'s store, seals signed with ``keys``. Its records (one
-    per request) are stored without search index rows: the service's
-    :class:`~hie.fhir.search.later.LaterIndex` adds them in batches behind the requests
-    (once the audit types are declared to it, as :func:`create_app` does)."""
+    """The audit log of ``service``'s store, seals signed with ``keys``; its records are
+    built (search index rows included) by ``service``."""
     return AuditLog(
         service.store,
         keys,
-        lambda type_, id_, resource: service.new_write(
-            type_, id_, resource, None, "POST", later=True
+        lambda type_, id_, resource, instant: service.new_write(
+            type_, id_, resource, None, "POST", instant=instant
         ),
         seal_records=settings.audit_seal_records,
         seal_seconds=settings.audit_seal_seconds,
@@ -93,8 +90,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         base=settings.base_url,
     )
     service.consents = consents
-    for type_ in AUDIT_TYPES:  # even with auditing off: another process may write them
-        service.engine.later.add(type_)
     keys = KeyRing(settings.keys_path)
     audit = audit_log(service, keys, settings) if settings.audit else None
     if audit is None and settings.auth:
@@ -118,10 +113,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await mpi.start()
         if audit is not None:
             await audit.start()
-        tasks = [
-            asyncio.create_task(service.refresh_index()),
-            asyncio.create_task(service.engine.later.run()),
-        ]
+        tasks = [asyncio.create_task(service.refresh_index())]
         try:
             yield
         finally:

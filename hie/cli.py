@@ -395,7 +395,7 @@ def mpi_rematch(
     async def rematch(store: Store):
         index = _patient_index(store, settings)
         await index.start()
-        audit = _audit_log(store, settings, index.new_write)
+        audit = _audit_log(store, settings)
         if audit is None:
             return await index.rematch(retrain=retrain)
         await audit.start()
@@ -416,6 +416,7 @@ def mpi_rematch(
 
 
 def _patient_index(store: Store, settings: Settings):
+    """The master patient index on ``store``, writing through a FHIR service's writes."""
     from hie.fhir.search.registry import Registry
     from hie.fhir.service import FhirService
     from hie.mpi.index import PatientIndex
@@ -429,20 +430,17 @@ def _patient_index(store: Store, settings: Settings):
     )
 
 
-def _audit_log(store: Store, settings: Settings, new_write):
+def _audit_log(store: Store, settings: Settings):
     """The audit log the server writes to (None when auditing is off)."""
     if not settings.audit:
         return None
     from hie.access.keys import KeyRing
-    from hie.audit.log import AuditLog
+    from hie.app import audit_log
+    from hie.fhir.search.registry import Registry
+    from hie.fhir.service import FhirService
 
-    return AuditLog(
-        store,
-        KeyRing(settings.keys_path),
-        lambda type_, id_, resource: new_write(type_, id_, resource, None, "POST"),
-        seal_records=settings.audit_seal_records,
-        seal_seconds=settings.audit_seal_seconds,
-    )
+    service = FhirService(store, settings, Registry())
+    return audit_log(service, KeyRing(settings.keys_path), settings)
 
 
 def _audited(audit, settings: Settings):

@@ -10,19 +10,17 @@ gives the CPU each costs per record:
   loop of the request;
 * ``append``: :meth:`hie.audit.log.AuditLog.append` by ``--group`` concurrent callers, so
   that records share group commits as concurrent requests do: chaining, hashing, the
-  chain head and the store commit (``synchronous=FULL``);
-* ``index``: :meth:`hie.fhir.search.later.LaterIndex.catch_up` of those records (their
-  search index rows, written behind the requests), split into ``extract`` (the rows,
-  through the SearchParameters' FHIRPath, timed in a pass of its own over the same
-  records) and ``store`` (the rest: reading the pending records and committing their
-  rows);
+  search index rows, the chain head and the store commit (``synchronous=FULL``) of the
+  record and its rows (the store's journal, see :data:`hie.store.port.JOURNAL_TYPES`);
+* ``extract``: the part of ``append`` that computes the index rows (through the
+  SearchParameters' FHIRPath), timed in a pass of its own over the same records;
 
 against the baseline ``raw``: :meth:`SqliteStore.commit` of the same bodies as
 pre-built writes, ``--group`` to a commit, without chain or index rows (the least a
 durable append of the record costs through the store port).
 
-The log is first filled to each of ``--sizes`` records (by ``AuditLog.append``, indexed),
-so that growth shows. CPU is the process's (all threads; nothing else runs in it), per
+The log is first filled to each of ``--sizes`` records (by ``AuditLog.append``), so that
+growth shows. CPU is the process's (all threads; nothing else runs in it), per
 record, the median of ``--rounds`` rounds of ``--records`` records.
 
 Output: a Markdown table on stdout (``--json PATH`` also writes the figures); progress on
@@ -45,16 +43,18 @@ from pathlib import Path
 
 from bench_common import ascending_sizes, log, machine_info, run_async
 
+from hie import jsonio
 from hie.access.keys import KeyRing
 from hie.access.principal import Principal
 from hie.app import audit_log
 from hie.audit.events import Where, audit_event
 from hie.config import Settings
+from hie.fhir.search.extract import index_rows
 from hie.fhir.search.registry import Registry
 from hie.fhir.service import FhirService
 from hie.store.sqlite import SqliteStore
 
-STAGES = ("build", "append", "index", "extract", "store", "raw")
+STAGES = ("build", "append", "extract", "raw")
 _PRINCIPAL = Principal(
     "emr-client", ("system/*.rs",), organization="Organization/member-1", token_id="t-1"
 )
@@ -81,7 +81,6 @@ class Bench:
         self.store = SqliteStore(data_dir)
         settings = Settings(data_dir=data_dir)
         self.service = FhirService(self.store, settings, Registry())
-        self.service.engine.later.add("AuditEvent")  # as create_app declares it
         self.audit = audit_log(self.service, KeyRing(data_dir / "keys"), settings)
         self.made = 0  # events built so far (their numbers)
         self.raw_ids = 0
@@ -100,37 +99,36 @@ class Bench:
         self.made += count
         return events
 
-    async def append(self, events: list[dict]) -> None:
-        """Append ``events``, ``group`` concurrent callers at a time, one event each."""
+    async def append(self, events: list[dict]) -> list[str]:
+        """Append ``events``, ``group`` concurrent callers at a time, one event each;
+        returns the records' ids."""
+        ids = []
         for start in range(0, len(events), self.group):
             group = events[start : start + self.group]
-            await asyncio.gather(*(self.audit.append([e]) for e in group))
+            for found in await asyncio.gather(*(self.audit.append([e]) for e in group)):
+                ids += found
+        return ids
 
     async def round(self, count: int) -> dict[str, float]:
         """CPU µs per record of each stage over ``count`` new records."""
-        later, out = self.service.engine.later, {}
+        out = {}
         t = time.process_time()
         events = self.events(count)
         out["build"] = time.process_time() - t
 
         t = time.process_time()
-        await self.append(events)
+        ids = await self.append(events)
         out["append"] = time.process_time() - t
 
-        pending = await self.store.unindexed("AuditEvent", count + 1)
-        if len(pending) != count:
-            raise RuntimeError(f"{len(pending)} records wait for rows, {count} were appended")
+        stored = await self.store.read_many("AuditEvent", ids)
+        if len(stored) != count:
+            raise RuntimeError(f"{len(stored)} records stored, {count} were appended")
+        records = [(jsonio.loads(v.body), v.last_updated) for v in stored]
+        registry, base = self.service.registry, self.service.settings.base_url
         t = time.process_time()
-        for version in pending:  # what catch_up does first, timed alone
-            self.service.engine.stored_rows(version)
+        for record, instant in records:  # as the append built them, timed alone
+            index_rows(record, instant, registry, base)
         out["extract"] = time.process_time() - t
-
-        t = time.process_time()
-        indexed = await later.catch_up("AuditEvent")
-        out["index"] = time.process_time() - t
-        if indexed != count:
-            raise RuntimeError(f"indexed {indexed} records, {count} were appended")
-        out["store"] = out["index"] - out["extract"]
 
         writes = []
         for body in self.events(count):
@@ -159,7 +157,6 @@ async def measure(args: argparse.Namespace) -> list[dict]:
                 while stored < size:
                     chunk = min(5000, size - stored)
                     await bench.append(bench.events(chunk))
-                    await bench.service.engine.later.catch_up("AuditEvent")
                     stored += chunk
                 rounds = []
                 for r in range(args.rounds):
@@ -183,17 +180,16 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
         f"Records per round: {args.records:,}, {args.rounds} rounds (median), "
         f"{args.group} records per group commit",
         "",
-        "| records stored | build µs | append µs | index µs (extract + store) | "
+        "| records stored | build µs | append µs (of which extract) | "
         "audit total µs | raw store append µs | total ÷ raw |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for step in steps:
         f = step["us_per_record"]
-        total = f["build"] + f["append"] + f["index"]
+        total = f["build"] + f["append"]
         lines.append(
-            f"| {step['size']:,} | {f['build']:.0f} | {f['append']:.0f} | "
-            f"{f['index']:.0f} ({f['extract']:.0f} + {f['store']:.0f}) | {total:.0f} | "
-            f"{f['raw']:.0f} | {total / f['raw']:.1f}× |"
+            f"| {step['size']:,} | {f['build']:.0f} | {f['append']:.0f} ({f['extract']:.0f}) | "
+            f"{total:.0f} | {f['raw']:.0f} | {total / f['raw']:.1f}× |"
         )
     return "\n".join(lines)
 

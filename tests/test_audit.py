@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import base64
 import sqlite3
-import time
 from collections.abc import Iterator
 
 import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from hie.store.query import Cond, Match
 from tests.conftest import FHIR
 
 PATIENT = {"resourceType": "Patient", "name": [{"family": "王", "given": ["芳"]}]}
@@ -326,56 +324,55 @@ def test_audit_can_be_off_only_with_authentication_off(tmp_path):
         assert c.get("/fhir/AuditEvent").json()["total"] == 0
 
 
-async def _no_reindex() -> int:
-    return 0
-
-
-def test_records_are_indexed_behind_the_request_and_searches_miss_none(app, mint, monkeypatch):
-    """A request stores its AuditEvent without search index rows; they are built in
-    batches later, and an AuditEvent search first indexes whatever is pending, so it
-    finds every record committed before it, from this process or another."""
-    store, later = app.state.store, app.state.service.engine.later
-    later.interval = 3600  # no background round during this test
-    monkeypatch.setattr(app.state.service, "refresh_index", _no_reindex)  # nor a startup one
+def test_records_are_searchable_at_once_and_kept_out_of_system_history(app, mint):
+    """A request's AuditEvent is indexed in the commit that stores it, so an auditor's
+    search right after finds it; it is ``recorded`` at its commit instant, which date
+    searches and ``_sort=date`` follow; the journal keeps it out of system history."""
     member = {"Authorization": f"Bearer {mint('system/*.cruds', 'emr-a', roles=('member',))}"}
-    auditor = {"Authorization": f"Bearer {mint('system/AuditEvent.rs', 'aud', roles=('auditor',))}"}
+    auditor = {"Authorization": f"Bearer {mint('system/*.rs', 'aud', roles=('auditor',))}"}
     with TestClient(app, base_url="http://hie.test") as hie:
         pid = hie.post("/fhir/Patient", json=PATIENT, headers=member).json()["id"]
         for _ in range(6):
             assert hie.get(f"/fhir/Patient/{pid}", headers=member).status_code == 200
-        pending = hie.portal.call(store.unindexed, "AuditEvent", 1000)
-        assert len(pending) >= 7  # the create and the six reads, not indexed yet
-        found = hie.get("/fhir/AuditEvent", params={"entity": f"Patient/{pid}"}, headers=auditor)
-        assert found.json()["total"] == 7
-        assert {e["resource"]["id"] for e in found.json()["entry"]} >= {
-            v.id for v in pending if pid in v.body.decode()
-        }
-        # the search's own record is pending again; nothing older is
-        assert len(hie.portal.call(store.unindexed, "AuditEvent", 1000)) == 1
-        # a revinclude of AuditEvent catches up as well
-        hie.get(f"/fhir/Patient/{pid}", headers=member)
-        both = {"Authorization": f"Bearer {mint('system/*.rs', 'aud2', roles=('auditor',))}"}
+        found = hie.get(
+            "/fhir/AuditEvent",
+            params={"entity": f"Patient/{pid}", "_sort": "-date"},
+            headers=auditor,
+        ).json()
+        assert found["total"] == 7
+        events = [e["resource"] for e in found["entry"]]
+        assert [e["subtype"][0]["code"] for e in events] == ["read"] * 6 + ["create"]
+        for event in events:
+            assert event["recorded"][:23] == event["meta"]["lastUpdated"][:23]
+        oldest = events[-1]["recorded"]
+        later = hie.get(
+            "/fhir/AuditEvent",
+            params={"entity": f"Patient/{pid}", "date": f"gt{oldest}"},
+            headers=auditor,
+        ).json()
+        after = {e["resource"]["id"] for e in later["entry"]}
+        assert after >= {e["id"] for e in events[:-1]} and events[-1]["id"] not in after
+        ordered = hie.get(
+            "/fhir/AuditEvent",
+            params={"entity": f"Patient/{pid}", "_sort": "date"},
+            headers=auditor,
+        ).json()
+        oldest_first = [e["resource"]["id"] for e in ordered["entry"]]
+        assert oldest_first[:7] == [e["id"] for e in events[::-1]]
         page = hie.get(
             "/fhir/Patient",
             params={"_id": pid, "_revinclude": "AuditEvent:entity"},
-            headers=both,
+            headers=auditor,
         ).json()
         audits = [e for e in page["entry"] if e["resource"]["resourceType"] == "AuditEvent"]
-        assert len(audits) >= 9  # create, 7 reads, the auditor's search
-
-
-def test_records_are_indexed_in_the_background_without_a_search(app, mint):
-    later = app.state.service.engine.later
-    later.interval = 0.05
-    member = {"Authorization": f"Bearer {mint('system/*.cruds', 'emr-a', roles=('member',))}"}
-    with TestClient(app, base_url="http://hie.test") as hie:
-        for _ in range(3):
-            hie.post("/fhir/Patient", json=PATIENT, headers=member)
-        for _ in range(100):
-            if not hie.portal.call(app.state.store.unindexed, "AuditEvent", 10):
-                break
-            time.sleep(0.05)
-        assert hie.portal.call(app.state.store.unindexed, "AuditEvent", 10) == []
-        query = (Match("action", (Cond("text", "eq", "C"),)),)
-        page = hie.portal.call(lambda: app.state.store.search("AuditEvent", query, count=0))
-        assert page.total == 3
+        assert len(audits) >= 9  # create, 6 reads, the auditor's three searches
+        one = events[0]["id"]
+        history = hie.get(f"/fhir/AuditEvent/{one}/_history", headers=auditor).json()
+        assert [e["resource"]["id"] for e in history["entry"]] == [one]
+        assert hie.get(f"/fhir/AuditEvent/{one}/_history/1", headers=auditor).status_code == 200
+        system = hie.get("/fhir/_history", params={"_count": 500}, headers=auditor).json()
+        kinds = {e["resource"]["resourceType"] for e in system["entry"]}
+        assert "Patient" in kinds and "AuditEvent" not in kinds
+        bad = hie.get("/fhir/AuditEvent", params={"_sort": "action"}, headers=auditor)
+        assert bad.status_code == 400
+        assert "_sort" in bad.json()["issue"][0]["diagnostics"]

@@ -48,7 +48,7 @@ _ATTEMPTS = 100
 _YIELD_EVERY = 100
 _CHAIN_TYPES = frozenset({"AuditEvent", HEAD_TYPE, SEAL_TYPE})
 
-MakeWrite = Callable[[str, str, dict], Write]
+MakeWrite = Callable[[str, str, dict, str], Write]
 
 
 class AuditUnavailable(Exception):
@@ -98,7 +98,8 @@ def _owner(conflict: VersionConflict | ConditionConflict, calls: Sequence[_Call]
 
 class AuditLog:
     """The audit log on ``store``, seals signed with ``keys``; ``make_write`` builds a
-    new AuditEvent's :class:`Write` (meta and search index set) from its body."""
+    new AuditEvent's :class:`Write` (meta and search index set) from its type, id, body
+    and instant."""
 
     def __init__(
         self,
@@ -294,11 +295,15 @@ class AuditLog:
 
     def _records(self, events: Sequence[dict], seq: int, last: str) -> tuple[list[Write], str]:
         """The chained record writes of ``events`` numbered after ``seq``, and the
-        hash of the last one."""
+        hash of the last one. Each is ``recorded`` at the instant it is stored at (its
+        ``last_updated``, which the store answers date searches from: see
+        :data:`~hie.store.port.JOURNAL_TYPES`)."""
         writes = []
         for event in events:
             seq += 1
-            write = self._make_write("AuditEvent", record_id(seq), chained(event, last))
+            instant = now()
+            record = chained({**event, "recorded": instant}, last)
+            write = self._make_write("AuditEvent", record_id(seq), record, instant)
             last = record_hash(jsonio.loads(write.body, trusted=True))
             writes.append(write)
         return writes, last

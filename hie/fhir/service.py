@@ -457,7 +457,6 @@ class FhirService:
         query += (Not(IdIn(tuple(exclude))),) if exclude else ()
         if members_only and type_ == "Patient":
             query += (Not(GOLDEN),)
-        await self.engine.later.catch_up(type_)
         page = await self.store.search(type_, query, count=2)
         return query, page.items
 
@@ -501,14 +500,13 @@ class FhirService:
         guard: Query = (),
         *,
         indexed: bool = True,
-        later: bool = False,
+        instant: str | None = None,
     ) -> Write:
-        """The write storing ``resource`` (None: a tombstone) as the next version;
-        ``indexed=False`` leaves its search index rows out (for a write that is built
-        again before it is stored), ``later=True`` leaves them to the store's
-        :class:`~hie.fhir.search.later.LaterIndex` (its type must be declared there)."""
+        """The write storing ``resource`` (None: a tombstone) as the next version, at
+        ``instant`` (default: now); ``indexed=False`` leaves its search index rows out
+        (for a write that is built again before it is stored)."""
         version = (prev.version if prev else 0) + 1
-        instant = now()
+        instant = instant or now()
         body = None
         index = ()
         if resource is not None:
@@ -518,10 +516,10 @@ class FhirService:
             stored = {"resourceType": type_, "id": id_, "meta": meta}
             stored.update((k, v) for k, v in resource.items() if k not in stored)
             body = jsonio.dumps(stored)
-            if indexed and not later:
+            if indexed:
                 index = index_rows(stored, instant, self.registry, self.settings.base_url)
         prev_version = prev.version if prev else 0
-        return Write(type_, id_, prev_version, version, instant, method, body, index, guard, later)
+        return Write(type_, id_, prev_version, version, instant, method, body, index, guard)
 
     async def plan_create(
         self,

@@ -2,6 +2,7 @@
 
 from hie.store.port import (
     INTERNAL_TYPES,
+    JOURNAL_TYPES,
     SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
@@ -16,6 +17,7 @@ from hie.store.port import (
 
 __all__ = [
     "INTERNAL_TYPES",
+    "JOURNAL_TYPES",
     "SEARCHED_INTERNAL_TYPES",
     "ConditionConflict",
     "Event",

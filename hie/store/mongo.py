@@ -89,6 +89,7 @@ from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailur
 from hie import jsonio
 from hie.store.port import (
     INTERNAL_TYPES,
+    JOURNAL_TYPES,
     SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
@@ -131,7 +132,6 @@ _RESOURCE_INDEXES = [
     IndexModel([("idx.p", ASCENDING), ("idx.nh", ASCENDING)]),
     IndexModel([("idx.p", ASCENDING), ("idx.g.0.t", ASCENDING), ("idx.g.0.s", ASCENDING)]),
     IndexModel([("lu", DESCENDING), ("_id", ASCENDING)]),
-    IndexModel([("u", ASCENDING), ("_id", ASCENDING)], sparse=True),
 ]
 _HISTORY_INDEXES = [
     IndexModel([("t", ASCENDING), ("i", ASCENDING), ("v", ASCENDING)], unique=True),
@@ -338,7 +338,11 @@ class MongoStore(Store):
         return None if doc is None else _version(type_, id_, doc)
 
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
-        """A specific version from the history collection, or None."""
+        """A specific version from the history collection (a journal type's from its
+        own), or None."""
+        if type_ in JOURNAL_TYPES:
+            doc = await self._db[type_].find_one({"_id": id_, "v": version})
+            return None if doc is None else _version(type_, id_, doc)
         doc = await self._db["history"].find_one({"t": type_, "i": id_, "v": version})
         return None if doc is None else _history_version(doc)
 
@@ -390,8 +394,9 @@ class MongoStore(Store):
                 if await self._db[w.type].find_one(others, {"_id": 1}, session=session):
                     raise ConditionConflict(w.type, w.id)
         for w, resource in zip(writes, resources, strict=True):
-            later = w.later and resource is not None
-            rows = w.index if resource is not None and not later else ()
+            if w.type in JOURNAL_TYPES and w.prev_version:
+                raise ValueError(f"{w.type}/{w.id}: journal resources are never changed")
+            rows = w.index if resource is not None else ()
             doc = {
                 "_id": w.id,
                 "v": w.version,
@@ -401,8 +406,6 @@ class MongoStore(Store):
                 "idx": _index_doc(rows),
                 "sk": _sort_keys(rows),
             }
-            if later:
-                doc["u"] = True  # unindexed: see Store.unindexed
             coll = self._db[w.type]
             if w.prev_version == 0:
                 try:
@@ -415,6 +418,11 @@ class MongoStore(Store):
                 )
                 if done.matched_count == 0:
                     raise _Conflict(w)
+        pairs = zip(writes, resources, strict=True)
+        kept = [(w, r) for w, r in pairs if w.type not in JOURNAL_TYPES]
+        if not kept:
+            return
+        writes = [w for w, _ in kept]
         counter = await self._db["counters"].find_one_and_update(
             {"_id": _OUTBOX_SEQ},
             {"$inc": {"n": len(writes)}},
@@ -426,7 +434,7 @@ class MongoStore(Store):
             [
                 {"t": w.type, "i": w.id, "v": w.version, "lu": w.last_updated, "m": w.method}
                 | {"r": resource, "seq": first + k}
-                for k, (w, resource) in enumerate(zip(writes, resources, strict=True))
+                for k, (w, resource) in enumerate(kept)
             ],
             session=session,
         )
@@ -484,6 +492,8 @@ class MongoStore(Store):
         exclude: Collection[str] = (),
     ) -> Page:
         """Versions newest first (by ``lu``, then commit ``seq``); see :class:`Store`."""
+        if type_ in JOURNAL_TYPES:
+            return await self._journal_history(type_, id_, since, at, count, offset)
         match: dict[str, Any] = {}
         if type_ is not None:
             match["t"] = type_
@@ -510,6 +520,28 @@ class MongoStore(Store):
         if count > 0:
             docs = await self._aggregate("history", pipeline, _HISTORY_ORDER, count, offset)
         return Page([_history_version(d) for d in docs], total)
+
+    async def _journal_history(
+        self,
+        type_: str,
+        id_: str | None,
+        since: str | None,
+        at: str | None,
+        count: int,
+        offset: int,
+    ) -> Page:
+        """The history of a journal type: its resources' one version each, newest
+        first (commit order: id order)."""
+        match: dict[str, Any] = {} if id_ is None else {"_id": id_}
+        if since is not None or at is not None:
+            match["lu"] = {k: v for k, v in (("$gte", since), ("$lte", at)) if v is not None}
+        pipeline: list[dict[str, Any]] = [{"$match": match}]
+        total = await self._count(type_, pipeline)
+        docs = []
+        if count > 0:
+            order = {"lu": DESCENDING, "_id": DESCENDING}
+            docs = await self._aggregate(type_, pipeline, order, count, offset)
+        return Page([_version(type_, d["_id"], d) for d in docs], total)
 
     async def search(
         self,
@@ -609,7 +641,7 @@ class MongoStore(Store):
         self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
     ) -> int:
         """Replace ``idx`` and ``sk`` of each live resource still at its given version
-        (and clear its unindexed mark) in one bulk write; returns how many matched."""
+        in one bulk write; returns how many matched."""
         if not entries:
             return 0
         await self._ensure_indexes([type_])
@@ -617,24 +649,13 @@ class MongoStore(Store):
             [
                 UpdateOne(
                     _LIVE | {"_id": id_, "v": version},
-                    {
-                        "$set": {"idx": _index_doc(rows), "sk": _sort_keys(rows)},
-                        "$unset": {"u": ""},
-                    },
+                    {"$set": {"idx": _index_doc(rows), "sk": _sort_keys(rows)}},
                 )
                 for id_, version, rows in entries
             ],
             ordered=False,
         )
         return done.matched_count
-
-    async def unindexed(self, type_: str, limit: int) -> list[Version]:
-        """Live resources marked ``u`` (written with ``later``) by ascending ``_id``."""
-        if limit <= 0:
-            return []
-        where = _LIVE | {"u": True}
-        docs = await self._db[type_].find(where).sort("_id", ASCENDING).limit(limit).to_list()
-        return [_version(type_, d["_id"], d) for d in docs]
 
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
         """Store ``refs`` under ``key`` until ``expires`` (a TTL index removes it)."""

@@ -47,6 +47,15 @@ INTERNAL_TYPES = (
 #: The internal types whose index rows are searched (the MPI's lookups by blocking key,
 #: golden record, review status); the others need no search indexes.
 SEARCHED_INTERNAL_TYPES = ("HieMpiRecord", "HieMpiLink", "HieMpiReview", "HieMpiMerge")
+#: Append-only types, written in volume (the audit log: one record per request), each
+#: with the search parameter its records are stamped with at commit (the instant of
+#: ``last_updated``, to the microsecond). A resource of such a type is written once, as a
+#: create, and never changed: its one version is its current one, so the store keeps no
+#: history copy and no outbox event of it, and it is left out of a system-level history.
+#: Its index rows hold only text values (tokens, references, strings); the stamped
+#: parameter and ``_lastUpdated`` are answered from ``last_updated``. The embedded store
+#: keeps those rows in one lean table, which cannot sort by parameter values.
+JOURNAL_TYPES = {"AuditEvent": "date"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +95,6 @@ class Write:
     #: A conditional create's criteria: the commit fails with ConditionConflict if a
     #: current resource of this type, other than those this commit writes, matches.
     guard: Query = ()
-    #: Index later: the version is stored without index rows (``index`` is ignored) and
-    #: listed by :meth:`Store.unindexed` until :meth:`Store.set_index` gives it rows.
-    later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +170,10 @@ class Store(ABC):
         nothing. A write with a ``guard`` is applied only if no current resource of its
         type outside this commit matches the guard, else :class:`ConditionConflict`
         (checked atomically with the writes, so concurrent conditional creates cannot
-        both succeed). Each write also appends one outbox :class:`Event`. Writes to the same
-        resource within one commit are not allowed (the caller merges them)."""
+        both succeed). Each write also appends one outbox :class:`Event`, except those of
+        :data:`JOURNAL_TYPES` (which may only be created: a write with ``prev_version``
+        other than 0 raises ValueError). Writes to the same resource within one commit
+        are not allowed (the caller merges them)."""
 
     @abstractmethod
     async def history(
@@ -180,7 +188,8 @@ class Store(ABC):
         exclude: Collection[str] = (),
     ) -> Page:
         """Versions newest first, at system (no type), type, or instance level.
-        ``exclude``: types left out of a system-level history.
+        ``exclude``: types left out of a system-level history (which never lists
+        :data:`JOURNAL_TYPES`).
 
         ``since``: only versions with ``last_updated >= since``. ``at``: for each
         resource only the version that was current at that instant (the newest
@@ -203,7 +212,9 @@ class Store(ABC):
 
         Ordered by ``sort`` (see :mod:`hie.store.query` for sort-key semantics), ties
         and the unsorted case by ``last_updated`` descending, then id ascending.
-        ``count=0`` returns only the total.
+        ``count=0`` returns only the total. The embedded store sorts
+        :data:`JOURNAL_TYPES` by ``_id``, ``_lastUpdated`` and the stamped parameter
+        only (ValueError for another key).
         """
 
     @abstractmethod
@@ -231,13 +242,8 @@ class Store(ABC):
         self, type_: str, entries: Sequence[tuple[str, int, Sequence[IndexRow]]]
     ) -> int:
         """For each ``(id, version, rows)``, replace the index rows of ``type_/id`` if its
-        current version is still ``version`` (no new version is written; it leaves
-        :meth:`unindexed`), all in one commit; returns how many were replaced."""
-
-    @abstractmethod
-    async def unindexed(self, type_: str, limit: int) -> list[Version]:
-        """Up to ``limit`` current versions of ``type_`` that were written with
-        :attr:`Write.later` and have no index rows yet, by ascending id."""
+        current version is still ``version`` (no new version is written), all in one
+        commit; returns how many were replaced."""
 
     @abstractmethod
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:

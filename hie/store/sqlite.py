@@ -7,7 +7,12 @@ non-deleted versions only; ``grp`` numbers a composite row within its resource),
 ``search_part`` (the components of composite rows, keyed by ``grp`` and ``part``),
 ``snapshots``/``snapshot_refs`` (paging snapshots), ``live_counts`` (live resources
 per type, kept by each commit), ``outbox``, ``counters`` and ``claims`` (one-time keys
-until their expiry, see :meth:`SqliteStore.claim`).
+until their expiry, see :meth:`SqliteStore.claim`). The append-only
+:data:`~hie.store.port.JOURNAL_TYPES` (the audit log) have their resources in
+``resources`` but no ``history`` or ``outbox`` rows, and their index rows in
+``journal_terms``: one B-tree keyed ``(type, param, text, id, system)``, a third of the
+cost of a ``search_index`` row with its eight indexes; their stamped date parameter and
+``_lastUpdated`` are conditions on ``resources.last_updated``.
 ``PRAGMA user_version`` holds the schema version; :func:`migrate` upgrades older files
 in place when the store opens.
 
@@ -61,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hie.store.port import (
+    JOURNAL_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -88,7 +94,7 @@ from hie.store.query import (
     WrittenAfter,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS resources (
         type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
@@ -152,8 +158,9 @@ SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS claims_expires ON claims (expires)",
     "CREATE TABLE IF NOT EXISTS live_counts (type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS unindexed (
-        type TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (type, id)
+    """CREATE TABLE IF NOT EXISTS journal_terms (
+        type TEXT NOT NULL, param TEXT NOT NULL, text TEXT NOT NULL, id TEXT NOT NULL,
+        system TEXT NOT NULL, PRIMARY KEY (type, param, text, id, system)
     ) WITHOUT ROWID""",
 )
 #: Indexes whose definition changed in schema 1 (dropped, then created anew).
@@ -260,11 +267,57 @@ def migrate(conn: sqlite3.Connection) -> None:
                 "INSERT INTO live_counts SELECT type, count(*) FROM resources"
                 " WHERE body IS NOT NULL GROUP BY type"
             )
+        if columns and version < 2:
+            _journal_from_1(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _journal_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: journal types lose their history and outbox rows, and their
+    ``search_index`` rows move to ``journal_terms`` (``unindexed`` goes: the search
+    layer's extraction version changed with schema 2, so the server reindexes every
+    resource, these included, when it next starts)."""
+    conn.execute("DROP TABLE IF EXISTS unindexed")
+    for type_, stamped in JOURNAL_TYPES.items():
+        conn.execute(
+            "INSERT OR IGNORE INTO journal_terms SELECT type, param, text, id,"
+            " coalesce(system, '') FROM search_index WHERE type = ? AND text IS NOT NULL"
+            " AND param NOT IN ('_lastUpdated', ?)",
+            (type_, stamped),
+        )
+        for table in ("search_index", "search_part", "history", "outbox"):
+            conn.execute(f"DELETE FROM {table} WHERE type = ?", (type_,))
+
+
+def _journal_rows(type_: str, id_: str, rows: Sequence[IndexRow]) -> list[tuple]:
+    """The ``journal_terms`` rows of a journal type's resource (see the module
+    docstring); raises ValueError for a row with no text value to keep."""
+    stamped = ("_lastUpdated", JOURNAL_TYPES[type_])
+    terms = []
+    for r in rows:
+        if r.param in stamped:
+            continue
+        if r.text is None or r.parts or r.nlow is not None:
+            raise ValueError(f"{type_} index row {r.param!r} has no text value to keep")
+        terms.append((type_, r.param, r.text, id_, r.system or ""))
+    return terms
+
+
+def _journal_sort(type_: str, sort: Sequence[Sort]) -> list[Sort]:
+    """A journal type's sort keys over its resources' columns (its stamped parameter is
+    ``_lastUpdated``); ValueError for a key its table cannot sort by."""
+    keys = []
+    for key in sort:
+        if key.param == JOURNAL_TYPES[type_]:
+            key = Sort("_lastUpdated", key.descending)
+        if key.param not in ("_id", "_lastUpdated"):
+            raise ValueError(f"{type_} cannot be sorted by {key.param!r}")
+        keys.append(key)
+    return keys
 
 
 def _conj(frags: Iterable[Frag]) -> Frag:
@@ -509,7 +562,7 @@ class _Compiler:
                 term.target, term.query, self.plan(term.target, term.query)[0]
             )
             sql = (
-                f"SELECT {s}.id AS id FROM search_index {s} WHERE {s}.type = ? AND {s}.param = ?"
+                f"SELECT {s}.id AS id FROM {_rows(type_)} {s} WHERE {s}.type = ? AND {s}.param = ?"
                 f" AND {s}.text IN (SELECT ? || {x}.id FROM ({inner}) {x})"
             )
             return sql, [type_, term.param, f"{term.target}/", *params], True
@@ -520,9 +573,10 @@ class _Compiler:
             if term.query:  # follow the inner ids through the owner index
                 plan = self.plan(term.type, term.query)[0]
                 sql, iparams, _ = self.ids(term.type, term.query, plan)
-                hint, inner = " INDEXED BY search_owner", f" AND {s}.id IN ({sql})"
+                hint, inner = _owner(term.type), f" AND {s}.id IN ({sql})"
+            table = _rows(term.type)
             sql = (
-                f"SELECT substr({s}.text, {len(prefix) + 1}) AS id FROM search_index {s}{hint}"
+                f"SELECT substr({s}.text, {len(prefix) + 1}) AS id FROM {table} {s}{hint}"
                 f" WHERE {s}.type = ? AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ?{inner}"
             )
             return sql, [term.type, term.param, prefix, successor(prefix), *iparams], False
@@ -587,7 +641,7 @@ class _Compiler:
                 + [self.check(term.target, target, t) for t in term.query]
             )
             sql = (
-                f"EXISTS (SELECT 1 FROM search_index {s} INDEXED BY search_owner"
+                f"EXISTS (SELECT 1 FROM {_rows(type_)} {s}{_owner(type_)}"
                 f" WHERE {s}.type = ? AND {s}.id = {id_expr}"
                 f" AND {s}.param = ? AND {s}.text >= ? AND {s}.text < ? AND {inner})"
             )
@@ -596,8 +650,8 @@ class _Compiler:
             s = self._alias("s")
             inner, iparams = _conj(self.check(term.type, f"{s}.id", t) for t in term.query)
             sql = (
-                f"EXISTS (SELECT 1 FROM search_index {s} WHERE {s}.type = ? AND {s}.param = ?"
-                f" AND {s}.text = ? || {id_expr} AND {inner})"
+                f"EXISTS (SELECT 1 FROM {_rows(term.type)} {s} WHERE {s}.type = ?"
+                f" AND {s}.param = ? AND {s}.text = ? || {id_expr} AND {inner})"
             )
             return sql, [term.type, term.param, f"{type_}/", *iparams]
         raise TypeError(f"not a query term: {term!r}")
@@ -615,6 +669,8 @@ class _Compiler:
         composite components) that satisfy ``term``. The first table drives by its
         values unless ``correlated`` (the caller constrains the id); the others are
         joined through their owner index."""
+        if type_ in JOURNAL_TYPES:
+            return self._journal_match(type_, term)
         by_part: dict[int | None, list[Cond]] = {}
         for cond in term.conds:
             by_part.setdefault(cond.part, []).append(cond)
@@ -643,6 +699,32 @@ class _Compiler:
                 where.append(sql)
                 params += p
         return ", ".join(tables), " AND ".join(where), params, f"{next(iter(aliases.values()))}.id"
+
+    def _journal_match(self, type_: str, term: Match) -> tuple[str, str, list, str]:
+        """:meth:`_match` for a journal type: its terms, or its resources' last_updated
+        for the stamped parameter and ``_lastUpdated`` (whose rows have low = high =
+        last_updated). No composites; a missing system is stored as ''."""
+        a = self._alias("j")
+        if term.param in ("_lastUpdated", JOURNAL_TYPES[type_]):
+            where, params = [f"{a}.type = ? AND {a}.body IS NOT NULL"], [type_]
+            for cond in term.conds:
+                if cond.column not in ("low", "high") or cond.part is not None:
+                    raise ValueError(f"{type_}.{term.param} has no {cond.column!r} values")
+                sql, p = self._cond(f"{a}.last_updated", cond)
+                where.append(sql)
+                params += p
+            return f"resources {a}", " AND ".join(where), params, f"{a}.id"
+        where, params = [f"{a}.type = ? AND {a}.param = ?"], [type_, term.param]
+        for cond in term.conds:
+            if cond.column not in ("text", "system") or cond.part is not None:
+                raise ValueError(f"{type_}.{term.param} has no {cond.column!r} values")
+            if cond.column == "system" and cond.op == "null":
+                sql, p = f"{a}.system = ''", []
+            else:
+                sql, p = self._cond(f"{a}.{cond.column}", cond)
+            where.append(sql)
+            params += p
+        return f"journal_terms {a}", " AND ".join(where), params, f"{a}.id"
 
     @staticmethod
     def _cond(col: str, cond: Cond) -> Frag:
@@ -693,6 +775,8 @@ class _Compiler:
         offset: int,
     ) -> list[tuple[str, str]]:
         """``(id, last_updated)`` of matches ``offset`` to ``offset + limit`` in order."""
+        if type_ in JOURNAL_TYPES:
+            sort = _journal_sort(type_, sort)
         driver, size = plan
         if driver is not None and size < PROBE:
             sql, params, _ = self.ids(type_, query, driver)
@@ -797,7 +881,13 @@ def _replace_index(
     conn: sqlite3.Connection, type_: str, id_: str, rows: Sequence[IndexRow], old: bool
 ) -> None:
     """Write the search_index and search_part rows of a resource (``old``: drop the
-    rows it had first)."""
+    rows it had first); ``journal_terms`` rows for a journal type."""
+    if type_ in JOURNAL_TYPES:
+        if old:
+            conn.execute("DELETE FROM journal_terms WHERE type = ? AND id = ?", (type_, id_))
+        terms = _journal_rows(type_, id_, rows)
+        conn.executemany("INSERT OR IGNORE INTO journal_terms VALUES (?, ?, ?, ?, ?)", terms)
+        return
     if old:
         conn.execute("DELETE FROM search_index WHERE type = ? AND id = ?", (type_, id_))
         conn.execute("DELETE FROM search_part WHERE type = ? AND id = ?", (type_, id_))
@@ -901,8 +991,9 @@ class SqliteStore(Store):
         return _version(row) if row else None
 
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
+        table = "resources" if type_ in JOURNAL_TYPES else "history"
         row = self._loop_conn.execute(
-            f"SELECT {_VERSION_COLS} FROM history WHERE type = ? AND id = ? AND version = ?",
+            f"SELECT {_VERSION_COLS} FROM {table} WHERE type = ? AND id = ? AND version = ?",
             (type_, id_, version),
         ).fetchone()
         return _version(row) if row else None
@@ -917,6 +1008,8 @@ class SqliteStore(Store):
         try:
             live: dict[str, int] = {}
             for w in writes:
+                if w.type in JOURNAL_TYPES and w.prev_version:
+                    raise ValueError(f"{w.type}/{w.id}: journal resources are never changed")
                 row = conn.execute(
                     "SELECT version, body IS NOT NULL FROM resources WHERE type = ? AND id = ?",
                     (w.type, w.id),
@@ -933,17 +1026,15 @@ class SqliteStore(Store):
                     "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.last_updated, w.method, w.body),
                 )
+                rows = w.index if w.body is not None else ()
+                _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
+                if w.type in JOURNAL_TYPES:
+                    continue
                 conn.execute(
                     "INSERT INTO history (type, id, version, last_updated, method, body)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.last_updated, w.method, w.body),
                 )
-                rows = w.index if w.body is not None and not w.later else ()
-                _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
-                if w.later and w.body is not None:
-                    conn.execute("INSERT OR IGNORE INTO unindexed VALUES (?, ?)", (w.type, w.id))
-                elif w.prev_version:
-                    conn.execute("DELETE FROM unindexed WHERE type = ? AND id = ?", (w.type, w.id))
                 conn.execute(
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.method),
@@ -979,6 +1070,10 @@ class SqliteStore(Store):
         offset: int = 0,
         exclude: Collection[str] = (),
     ) -> Page:
+        # A journal type's one version per resource is its current one (commit order:
+        # id order).
+        journal = type_ in JOURNAL_TYPES
+        table, newest = ("resources", "h.id") if journal else ("history", "h.seq")
         where, params = [], []
         if type_ is not None:
             where.append("h.type = ?")
@@ -992,7 +1087,10 @@ class SqliteStore(Store):
         if since is not None:
             where.append("h.last_updated >= ?")
             params.append(since)
-        if at is not None:
+        if at is not None and journal:
+            where.append("h.last_updated <= ?")
+            params.append(at)
+        elif at is not None:
             # The version current at `at`: the newest one not after it.
             where.append(
                 "h.seq = (SELECT max(h2.seq) FROM history h2 WHERE h2.type = h.type"
@@ -1002,12 +1100,12 @@ class SqliteStore(Store):
         clause = f"WHERE {' AND '.join(where)}" if where else ""
 
         def run(conn: sqlite3.Connection) -> Page:
-            total = conn.execute(f"SELECT count(*) FROM history h {clause}", params).fetchone()[0]
+            total = conn.execute(f"SELECT count(*) FROM {table} h {clause}", params).fetchone()[0]
             rows = []
             if count > 0:
                 rows = conn.execute(
-                    f"SELECT {_VERSION_COLS} FROM history h {clause}"
-                    " ORDER BY h.last_updated DESC, h.seq DESC LIMIT ? OFFSET ?",
+                    f"SELECT {_VERSION_COLS} FROM {table} h {clause}"
+                    f" ORDER BY h.last_updated DESC, {newest} DESC LIMIT ? OFFSET ?",
                     [*params, count, offset],
                 ).fetchall()
             return Page([_version(r) for r in rows], total)
@@ -1069,8 +1167,8 @@ class SqliteStore(Store):
         """Replace the index rows of each live resource still at its given version, in
         one commit; returns how many were replaced. The commit does not wait for the
         disk (``synchronous=NORMAL``): index rows can be computed again, and a crash
-        loses the commit whole, pending marks included, which the next durable commit
-        of this file (WAL frames are written in order) or a new indexing restores."""
+        loses the commit whole, which the next durable commit of this file (WAL frames
+        are written in order) or a new indexing restores."""
 
         def run() -> int:
             conn = self._write_conn
@@ -1085,10 +1183,7 @@ class SqliteStore(Store):
                         (type_, id_, version),
                     ).fetchone()
                     if found:
-                        pending = conn.execute(
-                            "DELETE FROM unindexed WHERE type = ? AND id = ?", (type_, id_)
-                        ).rowcount
-                        _replace_index(conn, type_, id_, rows, not pending)  # pending: none
+                        _replace_index(conn, type_, id_, rows, True)
                         done += 1
                 conn.execute("COMMIT")
                 return done
@@ -1099,18 +1194,6 @@ class SqliteStore(Store):
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
         return await self._run_write(run) if entries else 0
-
-    async def unindexed(self, type_: str, limit: int) -> list[Version]:
-        def run(conn: sqlite3.Connection) -> list[Version]:
-            rows = conn.execute(
-                "SELECT r.type, r.id, r.version, r.last_updated, r.method, r.body"
-                " FROM unindexed u JOIN resources r ON r.type = u.type AND r.id = u.id"
-                " WHERE u.type = ? AND r.body IS NOT NULL ORDER BY u.id LIMIT ?",
-                (type_, max(limit, 0)),
-            ).fetchall()
-            return [_version(r) for r in rows]
-
-        return await self._run_read(run)
 
     async def save_snapshot(self, key: str, refs: Sequence[str], expires: str) -> None:
         """Store ``refs`` under ``key``, replacing an older snapshot of that key; drops
@@ -1208,6 +1291,16 @@ class SqliteStore(Store):
             ).fetchone()[0]
 
         return await self._run_write(run)
+
+
+def _rows(type_: str) -> str:
+    """The table holding ``type_``'s index rows."""
+    return "journal_terms" if type_ in JOURNAL_TYPES else "search_index"
+
+
+def _owner(type_: str) -> str:
+    """The hint to look ``type_``'s index rows up by owner (the journal's key does)."""
+    return "" if type_ in JOURNAL_TYPES else " INDEXED BY search_owner"
 
 
 def _read_many(conn: sqlite3.Connection, type_: str, ids: list[str]) -> list[Version]:

@@ -18,9 +18,10 @@ from hie.store import Store, Write
 from tests.conftest import make_store
 
 
-def make_write(type_: str, id_: str, resource: dict) -> Write:
-    """A new resource's write, as the FHIR layer builds it (without index rows)."""
-    instant = now()
+def make_write(type_: str, id_: str, resource: dict, instant: str | None = None) -> Write:
+    """A new resource's write at ``instant``, as the FHIR layer builds it (without index
+    rows)."""
+    instant = instant or now()
     meta = {"versionId": "1", "lastUpdated": to_fhir_instant(instant)}
     body = {"resourceType": type_, "id": id_, "meta": meta} | resource
     return Write(type_, id_, 0, 1, instant, "POST", jsonio.dumps(body))

@@ -167,10 +167,10 @@ async def test_a_store_failure_is_audit_unavailable_and_stores_nothing(store, ke
 
 
 async def test_a_record_that_cannot_be_built_fails_only_its_caller(store, keys, tmp_path):
-    def picky(type_: str, id_: str, resource: dict) -> Write:
+    def picky(type_: str, id_: str, resource: dict, instant: str) -> Write:
         if resource.get("outcome") == "bad":
             raise ValueError("cannot index")
-        return make_write(type_, id_, resource)
+        return make_write(type_, id_, resource, instant)
 
     log = AuditLog(store, keys, picky)
     await log.start()

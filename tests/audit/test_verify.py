@@ -193,11 +193,18 @@ async def test_a_deleted_row_is_removed(store, keys, new_log, tamper, seq):
     assert report.records == 24
 
 
-async def test_a_deletion_through_the_store_is_removed(store, keys, new_log):
+async def test_the_store_refuses_to_delete_or_change_a_record(store, keys, new_log):
+    """The store keeps the audit log as a journal: a record is never replaced, not
+    even by a tombstone, so the chain stays whole."""
     await build(new_log, store)
+    before = await store.read("AuditEvent", record_id(8))
     tombstone = Write("AuditEvent", record_id(8), 1, 2, now(), "DELETE", None)
-    await store.commit([tombstone])
-    assert problem(await verify(store, keys)) == (False, "removed", ref(8))
+    change = Write("AuditEvent", record_id(8), 1, 2, now(), "PUT", b"{}")
+    for write in (tombstone, change):
+        with pytest.raises(ValueError):
+            await store.commit([write])
+    assert await store.read("AuditEvent", record_id(8)) == before
+    assert (await verify(store, keys)).ok
 
 
 async def test_swapped_records_are_reordered(store, keys, new_log, tamper):

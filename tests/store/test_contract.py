@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import orjson
 import pytest
@@ -1050,34 +1049,83 @@ async def test_set_index(store: Store):
     assert await store.set_index("Thing", []) == 0
 
 
-async def test_unindexed_lists_writes_indexed_later_until_they_get_rows(store: Store):
-    def later(id_: str, version: int, t: int) -> Write:
-        w = put("Thing", id_, version, ts(t), index=(named("ignored"),))
-        return dataclasses.replace(w, later=True)
+def record(id_: str, lu: str, *rows: IndexRow) -> Write:
+    """An audit record (a journal type's resource) stamped ``lu`` in ``date``."""
+    stamp = IndexRow("date", low=lu, high=lu)
+    last = IndexRow("_lastUpdated", low=lu, high=lu)
+    return put("AuditEvent", id_, 1, lu, (last, stamp, *rows), recorded=lu)
 
-    await store.commit([later("b", 1, 1), later("a", 1, 1), put("Thing", "c", 1, ts(1))])
-    await store.commit([later("d", 1, 2), put("Other", "a", 1, ts(2))])
-    unindexed = await store.unindexed("Thing", 10)
-    assert [v.id for v in unindexed] == ["a", "b", "d"]  # by id; "c" was indexed
-    assert unindexed[0] == await store.read("Thing", "a")
-    assert [v.id for v in await store.unindexed("Thing", 2)] == ["a", "b"]
-    assert await store.unindexed("Other", 10) == []
-    assert await store.unindexed("Thing", 0) == []
-    # stored without rows: a search does not find them, whatever the write carried
-    assert await found(store, "Thing", name("ignored")) == set()
-    assert await store.read("Thing", "b") is not None
-    assert await store.set_index("Thing", [("a", 1, (named("x"),)), ("b", 1, ())]) == 2
-    assert [v.id for v in await store.unindexed("Thing", 10)] == ["d"]
-    assert await found(store, "Thing", name("x")) == {"a"}
-    # a new version indexed at once, or a deletion, leaves the list too; a new
-    # version written later stays in it
-    await store.commit([put("Thing", "d", 2, ts(3), index=(named("x"),)), later("e", 1, 3)])
-    assert [v.id for v in await store.unindexed("Thing", 10)] == ["e"]
-    await store.commit([later("e", 2, 4)])
-    assert [(v.id, v.version) for v in await store.unindexed("Thing", 10)] == [("e", 2)]
-    await store.commit([delete("Thing", "e", 3, ts(5))])
-    assert await store.unindexed("Thing", 10) == []
-    assert await found(store, "Thing", name("x")) == {"a", "d"}
+
+def token(param: str, code: str, system: str | None = None) -> IndexRow:
+    return IndexRow(param, system=system, text=code)
+
+
+async def test_journal_records_are_written_once_and_keep_no_history_or_events(store: Store):
+    """A journal type's resource (``AuditEvent``) is created once and never changed;
+    read, vread and the type's history come from the resource itself, no outbox event
+    is written, and a system history leaves it out."""
+    first = await store.last_event()
+    a = record("0001", ts(1), token("action", "R"))
+    await store.commit([a, put("Patient", "p", 1, ts(1))])
+    assert await store.read("AuditEvent", "0001") == as_version(a)
+    assert await store.vread("AuditEvent", "0001", 1) == as_version(a)
+    assert await store.vread("AuditEvent", "0001", 2) is None
+    assert [(e.type, e.id) for e in await store.events_after(first)] == [("Patient", "p")]
+    with pytest.raises(VersionConflict):
+        await store.commit([record("0001", ts(2))])
+    with pytest.raises(ValueError):
+        await store.commit([put("AuditEvent", "0001", 2, ts(2))])
+    assert await store.read("AuditEvent", "0001") == as_version(a)
+    await store.commit([record("0002", ts(2)), record("0003", ts(2))])
+    assert keys(await store.history("AuditEvent")) == [
+        ("AuditEvent", "0003", 1),
+        ("AuditEvent", "0002", 1),
+        ("AuditEvent", "0001", 1),
+    ]
+    assert keys(await store.history("AuditEvent", "0002")) == [("AuditEvent", "0002", 1)]
+    assert keys(await store.history("AuditEvent", since=ts(2), count=1)) == [
+        ("AuditEvent", "0003", 1)
+    ]
+    assert (await store.history("AuditEvent", since=ts(2), count=0)).total == 2
+    assert keys(await store.history("AuditEvent", at=ts(1))) == [("AuditEvent", "0001", 1)]
+    assert keys(await store.history()) == [("Patient", "p", 1)]
+
+
+async def test_journal_search_by_terms_and_by_the_stamped_date(store: Store):
+    """A journal type is searched by its text rows, and by its stamped parameter and
+    ``_lastUpdated`` (both its commit instant), sorted by these or by id."""
+    sys = "http://hl7.org/fhir/restful-interaction"
+    await store.commit(
+        [
+            record("0001", ts(1), token("subtype", "read", sys), token("entity", "Patient/1")),
+            record("0002", ts(2), token("subtype", "search", sys), token("entity", "Patient/1")),
+            record("0003", ts(3), token("subtype", "read", sys), token("entity", "Patient/2")),
+            record("0004", ts(4), token("action", "E")),
+        ]
+    )
+    read = Match("subtype", (Cond("text", "eq", "read"), Cond("system", "eq", sys)))
+    assert await found(store, "AuditEvent", read) == {"0001", "0003"}
+    assert await found(store, "AuditEvent", Match("action", (Cond("system", "null", None),))) == {
+        "0004"
+    }
+    patient1 = Match("entity", (Cond("text", "eq", "Patient/1"),))
+    assert await found(store, "AuditEvent", read, patient1) == {"0001"}
+    assert await found(store, "AuditEvent", Not(patient1)) == {"0003", "0004"}
+    since2 = Match("date", (Cond("high", "ge", ts(2)),))
+    assert await found(store, "AuditEvent", since2, Not(read)) == {"0002", "0004"}
+    before = Match("_lastUpdated", (Cond("low", "lt", ts(3)),))
+    assert await found(store, "AuditEvent", before) == {"0001", "0002"}
+    assert await found(store, "AuditEvent", AnyOf((patient1, before))) == {"0001", "0002"}
+    newest = await store.search("AuditEvent", (), sort=(Sort("date", True),), count=2)
+    assert [v.id for v in newest.items] == ["0004", "0003"] and newest.total == 4
+    oldest = await store.match_ids("AuditEvent", (read,), sort=(Sort("date"),), limit=5)
+    assert [i for i, _ in oldest] == ["0001", "0003"]
+    has = Has("AuditEvent", "entity", (read,))
+    await store.commit([put("Patient", "1", 1, ts(5)), put("Patient", "2", 1, ts(5))])
+    assert await found(store, "Patient", has) == {"1", "2"}
+    assert await found(store, "Patient", Has("AuditEvent", "entity", (Not(read),))) == {"1"}
+    assert await store.set_index("AuditEvent", [("0004", 1, (token("action", "R"),))]) == 1
+    assert await found(store, "AuditEvent", Match("action", (Cond("text", "eq", "R"),))) == {"0004"}
 
 
 async def test_written_after_an_outbox_position(store: Store):

@@ -101,7 +101,7 @@ async def test_opens_and_migrates_a_schema_0_database(tmp_path):
     await store.open()
     try:
         version, columns, indexes = schema(store.path)
-        assert version == sqlite_store.SCHEMA_VERSION == 1
+        assert version == sqlite_store.SCHEMA_VERSION == 2
         assert {"nlow", "nhigh", "grp"} <= columns
         assert "resources_lu" not in indexes and "resources_live" in indexes
         assert indexes["search_owner"] == ["type", "id", "param"]
@@ -133,13 +133,66 @@ async def test_opens_and_migrates_a_schema_0_database(tmp_path):
     reopened = SqliteStore(tmp_path)
     await reopened.open()
     try:
-        assert schema(reopened.path)[0] == 1
+        assert schema(reopened.path)[0] == 2
         assert await ids(reopened, "Patient", ()) == ["c"]
         assert await ids(
             reopened, "Observation", (Match("code", (Cond("text", "eq", "1-8"),)),)
         ) == ["o"]
     finally:
         await reopened.close()
+
+
+async def test_migrates_schema_1_audit_records_to_the_journal(tmp_path):
+    """Schema 1 kept AuditEvents like any type (history, outbox, ``search_index``, and
+    an ``unindexed`` list); schema 2 keeps their text rows in ``journal_terms`` only."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    await store.close()
+    a = put("AuditEvent", "0001", 1, ts(1))
+    rows = [
+        ("AuditEvent", "0001", "action", None, "R", None, None, None, None, None),
+        ("AuditEvent", "0001", "entity", "Patient", "Patient/1", None, None, None, None, None),
+        ("AuditEvent", "0001", "date", None, None, ts(1), ts(1), None, None, None),
+        ("Patient", "1", "name", None, "ann", None, None, None, None, None),
+    ]
+    conn = sqlite3.connect(tmp_path / "hie.sqlite3")
+    conn.executescript(
+        "DROP TABLE journal_terms; CREATE TABLE unindexed (type TEXT NOT NULL,"
+        " id TEXT NOT NULL, PRIMARY KEY (type, id)) WITHOUT ROWID; PRAGMA user_version = 1;"
+    )
+    for table in ("resources", "history"):
+        cols = "type, id, version, last_updated, method, body"
+        conn.execute(
+            f"INSERT INTO {table} ({cols}) VALUES (?, ?, ?, ?, ?, ?)",
+            ("AuditEvent", "0001", 1, ts(1), "POST", a.body),
+        )
+    conn.execute(
+        "INSERT INTO outbox (type, id, version, method) VALUES ('AuditEvent', '0001', 1, 'POST')"
+    )
+    conn.executemany("INSERT INTO search_index VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.commit()
+    conn.close()
+
+    await store.open()
+    try:
+        conn = sqlite3.connect(tmp_path / "hie.sqlite3")
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT * FROM journal_terms ORDER BY param").fetchall() == [
+            ("AuditEvent", "action", "R", "0001", ""),
+            ("AuditEvent", "entity", "Patient/1", "0001", "Patient"),
+        ]
+        for table in ("history", "outbox", "search_index"):
+            found = conn.execute(f"SELECT count(*) FROM {table} WHERE type = 'AuditEvent'")
+            assert found.fetchone()[0] == 0, table
+        assert conn.execute("SELECT count(*) FROM search_index").fetchone()[0] == 1
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "unindexed" not in names
+        conn.close()
+        entity = Match("entity", (Cond("text", "eq", "Patient/1"),))
+        assert await ids(store, "AuditEvent", (entity,)) == ["0001"]
+        assert (await store.vread("AuditEvent", "0001", 1)).body == a.body
+    finally:
+        await store.close()
 
 
 async def test_a_newer_schema_is_refused(tmp_path):

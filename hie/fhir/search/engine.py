@@ -38,7 +38,6 @@ from hie import jsonio
 from hie.fhir.errors import error
 from hie.fhir.search.dates import fmt
 from hie.fhir.search.extract import index_rows, value_rows
-from hie.fhir.search.later import LaterIndex
 from hie.fhir.search.mdm import Persons, expand
 from hie.fhir.search.params import Include, SearchRequest
 from hie.fhir.search.registry import Registry
@@ -89,8 +88,6 @@ class SearchEngine:
         self.ttl = ttl
         #: The person behind a Patient id, for ``:mdm`` (None: each Patient is its own).
         self.persons: Persons | None = None
-        #: Types indexed behind the request path; searched only once caught up.
-        self.later = LaterIndex(store, self.stored_rows)
 
     def stored_rows(self, version: Version) -> list[IndexRow]:
         """The index rows of a stored (live) version."""
@@ -102,11 +99,8 @@ class SearchEngine:
         return await expand(query, self.persons, cache)
 
     async def _expand_all(self, queries: dict[str, Query]) -> dict[str, Query]:
-        """The per-type ``queries`` expanded, once their types' indexes have caught up
-        (:class:`LaterIndex`)."""
+        """The per-type ``queries`` expanded."""
         cache: dict = {}  # one lookup per Patient across the types searched
-        for type_ in queries:
-            await self.later.catch_up(type_)
         return {t: await self.expand(q, cache) for t, q in queries.items()}
 
     async def search(self, queries: dict[str, Query], req: SearchRequest, state: dict) -> Found:
@@ -270,7 +264,6 @@ class SearchEngine:
         sources = [d.source] if d.source != "*" else sorted(served_types())
         found: list[str] = []
         for source in sources:
-            await self.later.catch_up(source)
             for code in self._reference_params(source, d.param):
                 targets = self.registry.params(source)[code].targets
                 if targets and not kinds.intersection(targets):

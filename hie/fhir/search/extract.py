@@ -32,8 +32,10 @@ from hie.store.query import IndexRow
 
 UCUM = "http://unitsofmeasure.org"
 #: Bumped whenever the normalisation below changes what rows a resource gets, so that
-#: servers reindex at startup (with the registry's fingerprint, see index_version()).
-EXTRACTION_VERSION = 1
+#: servers reindex at startup (with the registry's fingerprint, see index_version()),
+#: and when a store's layout of the rows changes (2: the audit log's rows moved to the
+#: embedded store's journal table, which the reindex fills).
+EXTRACTION_VERSION = 2
 #: Stored bounds of an open-ended Period.
 MIN_INSTANT = "0001-01-01T00:00:00.000000Z"
 MAX_INSTANT = "9999-12-31T23:59:59.999999Z"

@@ -32,6 +32,7 @@ from hie.fhir.search.mdm import MAX_VALUES, MDM, SamePerson
 from hie.fhir.search.registry import ParamDef, Registry, default_registry
 from hie.fhir.types import served_types
 from hie.fhir.validation import small_int, valid_id
+from hie.store import JOURNAL_TYPES
 from hie.store.query import AnyOf, Chain, Cond, Has, IdIn, Match, Not, Query, Sort, Term
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -439,6 +440,10 @@ class _Parser:
                     raise bad("_sort", f"unknown parameter {name!r} for {t}")
                 if param.type in ("composite", "special"):
                     raise bad("_sort", f"cannot sort by {param.type} parameter {name!r}")
+                allowed = ("_id", "_lastUpdated", JOURNAL_TYPES.get(t))
+                if t in JOURNAL_TYPES and name not in allowed:
+                    by = ", ".join(allowed)
+                    raise bad("_sort", f"{t} can be sorted by {by} only, not {name!r}")
             keys.append(Sort(name, descending))
         return tuple(keys)
 
