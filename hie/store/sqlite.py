@@ -195,6 +195,8 @@ _WRITTEN_AFTER = "SELECT id FROM outbox WHERE type = ? AND seq > ?"
 WRITER_CACHE_MB = 64
 READER_CACHE_MB = 16
 _CHUNK = 500
+#: A term given twice by one resource is one row.
+_INSERT_TERMS = "INSERT OR IGNORE INTO journal_terms VALUES (?, ?, ?, ?, ?)"
 
 Frag = tuple[str, list]
 
@@ -885,8 +887,7 @@ def _replace_index(
     if type_ in JOURNAL_TYPES:
         if old:
             conn.execute("DELETE FROM journal_terms WHERE type = ? AND id = ?", (type_, id_))
-        terms = _journal_rows(type_, id_, rows)
-        conn.executemany("INSERT OR IGNORE INTO journal_terms VALUES (?, ?, ?, ?, ?)", terms)
+        conn.executemany(_INSERT_TERMS, _journal_rows(type_, id_, rows))
         return
     if old:
         conn.execute("DELETE FROM search_index WHERE type = ? AND id = ?", (type_, id_))
@@ -1008,8 +1009,11 @@ class SqliteStore(Store):
         try:
             live: dict[str, int] = {}
             for w in writes:
-                if w.type in JOURNAL_TYPES and w.prev_version:
-                    raise ValueError(f"{w.type}/{w.id}: journal resources are never changed")
+                if w.type in JOURNAL_TYPES:  # a create; its insert checks it is new
+                    if w.prev_version or w.body is None:
+                        raise ValueError(f"{w.type}/{w.id}: journal resources are never changed")
+                    live[w.type] = live.get(w.type, 0) + 1
+                    continue
                 row = conn.execute(
                     "SELECT version, body IS NOT NULL FROM resources WHERE type = ? AND id = ?",
                     (w.type, w.id),
@@ -1021,15 +1025,19 @@ class SqliteStore(Store):
             for w in writes:
                 if w.guard:
                     self._check_guard(conn, w, [x.id for x in writes if x.type == w.type])
+            terms = []  # of the journal writes, inserted together in key order
             for w in writes:
-                conn.execute(
-                    "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)",
-                    (w.type, w.id, w.version, w.last_updated, w.method, w.body),
-                )
+                version = (w.type, w.id, w.version, w.last_updated, w.method, w.body)
                 rows = w.index if w.body is not None else ()
-                _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
                 if w.type in JOURNAL_TYPES:
+                    try:
+                        conn.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?)", version)
+                    except sqlite3.IntegrityError:
+                        raise VersionConflict(w.type, w.id, 0, 1) from None
+                    terms += _journal_rows(w.type, w.id, rows)
                     continue
+                conn.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)", version)
+                _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
                 conn.execute(
                     "INSERT INTO history (type, id, version, last_updated, method, body)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -1039,6 +1047,8 @@ class SqliteStore(Store):
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.method),
                 )
+            terms.sort()
+            conn.executemany(_INSERT_TERMS, terms)
             conn.executemany(
                 "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (type) DO UPDATE SET n = n + ?",
                 [(type_, n, n) for type_, n in live.items() if n],

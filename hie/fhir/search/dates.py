@@ -16,15 +16,16 @@ _DATE_RE = re.compile(
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
-_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+#: A UTC instant to the microsecond: the store's own format, which is its own range.
+_STORE_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _TICK = timedelta(microseconds=1)
 
 
 def fmt(moment: datetime) -> str:
-    """Format an aware datetime as the store's instant string."""
-    return moment.astimezone(UTC).strftime(_FMT)
+    """Format an aware datetime as the store's instant string (four-digit year)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def now() -> str:
@@ -55,6 +56,12 @@ def date_range(value: str) -> tuple[str, str]:
     Raises ValueError for anything that is not one. A time without zone is taken as
     UTC (FHIR leaves it to the server).
     """
+    if _STORE_INSTANT.fullmatch(value):
+        try:
+            datetime.fromisoformat(value)  # a real date and time (not a leap second)
+            return value, value
+        except ValueError:
+            pass
     m = _DATE_RE.fullmatch(value.strip())
     if not m:
         raise ValueError(f"not a FHIR date/dateTime: {value!r}")
