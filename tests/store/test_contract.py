@@ -1124,6 +1124,12 @@ async def test_journal_search_by_terms_and_by_the_stamped_date(store: Store):
     await store.commit([put("Patient", "1", 1, ts(5)), put("Patient", "2", 1, ts(5))])
     assert await found(store, "Patient", has) == {"1", "2"}
     assert await found(store, "Patient", Has("AuditEvent", "entity", (Not(read),))) == {"1"}
+    await store.commit([put("Patient", "2", 2, ts(6), index=(named("ann"),))])
+    to_ann = Chain("entity", "Patient", (name("ann"),))
+    assert await found(store, "AuditEvent", to_ann) == {"0003"}
+    assert await found(store, "AuditEvent", read, to_ann) == {"0003"}
+    assert await found(store, "AuditEvent", Match("action", ())) == {"0004"}
+    assert await found(store, "AuditEvent", Not(Match("subtype", ()))) == {"0004"}
     assert await store.set_index("AuditEvent", [("0004", 1, (token("action", "R"),))]) == 1
     assert await found(store, "AuditEvent", Match("action", (Cond("text", "eq", "R"),))) == {"0004"}
 
