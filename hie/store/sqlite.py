@@ -1025,17 +1025,14 @@ class SqliteStore(Store):
             for w in writes:
                 if w.guard:
                     self._check_guard(conn, w, [x.id for x in writes if x.type == w.type])
-            terms = []  # of the journal writes, inserted together in key order
+            journal = [w for w in writes if w.type in JOURNAL_TYPES]
+            if journal:
+                self._append_journal(conn, journal)
             for w in writes:
+                if w.type in JOURNAL_TYPES:
+                    continue
                 version = (w.type, w.id, w.version, w.last_updated, w.method, w.body)
                 rows = w.index if w.body is not None else ()
-                if w.type in JOURNAL_TYPES:
-                    try:
-                        conn.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?)", version)
-                    except sqlite3.IntegrityError:
-                        raise VersionConflict(w.type, w.id, 0, 1) from None
-                    terms += _journal_rows(w.type, w.id, rows)
-                    continue
                 conn.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)", version)
                 _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
                 conn.execute(
@@ -1047,8 +1044,6 @@ class SqliteStore(Store):
                     "INSERT INTO outbox (type, id, version, method) VALUES (?, ?, ?, ?)",
                     (w.type, w.id, w.version, w.method),
                 )
-            terms.sort()
-            conn.executemany(_INSERT_TERMS, terms)
             conn.executemany(
                 "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (type) DO UPDATE SET n = n + ?",
                 [(type_, n, n) for type_, n in live.items() if n],
@@ -1057,6 +1052,27 @@ class SqliteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _append_journal(conn: sqlite3.Connection, writes: list[Write]) -> None:
+        """Insert journal writes (creates) and their terms, each in one statement; a
+        write whose resource exists raises VersionConflict."""
+        try:
+            conn.executemany(
+                "INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?)",
+                [(w.type, w.id, w.version, w.last_updated, w.method, w.body) for w in writes],
+            )
+        except sqlite3.IntegrityError:
+            for w in writes:
+                found = conn.execute(
+                    "SELECT version FROM resources WHERE type = ? AND id = ?", (w.type, w.id)
+                ).fetchone()
+                if found:
+                    raise VersionConflict(w.type, w.id, 0, found[0]) from None
+            raise
+        terms = [t for w in writes for t in _journal_rows(w.type, w.id, w.index)]
+        terms.sort()  # key order: each leaf page is visited once
+        conn.executemany(_INSERT_TERMS, terms)
 
     @staticmethod
     def _check_guard(conn: sqlite3.Connection, w: Write, written: list[str]) -> None:
