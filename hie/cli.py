@@ -179,8 +179,6 @@ def reindex(
 
     from hie.access.principal import LOCAL_DEVELOPER
     from hie.app import open_store
-    from hie.fhir.search.registry import Registry
-    from hie.fhir.service import FhirService
 
     settings = Settings.from_env(data_dir=data_dir)
 
@@ -188,8 +186,7 @@ def reindex(
         store = open_store(settings)
         await store.open()
         try:
-            service = FhirService(store, settings, Registry())
-            return await service.reindex(LOCAL_DEVELOPER, resource_type)
+            return await _service(store, settings).reindex(LOCAL_DEVELOPER, resource_type)
         finally:
             await store.close()
 
@@ -261,13 +258,10 @@ def client_add(
 
 async def _ensure_organization(store: Store, settings: Settings, ref: str, name: str) -> None:
     """Create the Organization ``ref`` named ``name`` unless it exists."""
-    from hie.fhir.search.registry import Registry
-    from hie.fhir.service import FhirService
-
     org_id = ref.split("/", 1)[1]
     found = await store.read("Organization", org_id)
     if found is None or found.deleted:
-        service = FhirService(store, settings, Registry())
+        service = _service(store, settings)
         resource = {"resourceType": "Organization", "active": True, "name": name}
         await store.commit([service.new_write("Organization", org_id, resource, found, "PUT")])
         typer.echo(f"created {ref}")
@@ -370,7 +364,7 @@ def mpi_train(data_dir: Path = typer.Option(None, help=_DATA_DIR_HELP)) -> None:
     settings = Settings.from_env(data_dir=data_dir)
 
     async def fit(store: Store):
-        return await _patient_index(store, settings).train()
+        return await _patient_index(_service(store, settings), settings).train()
 
     try:
         model = _run(settings, fit)
@@ -393,9 +387,10 @@ def mpi_rematch(
     settings = Settings.from_env(data_dir=data_dir)
 
     async def rematch(store: Store):
-        index = _patient_index(store, settings)
+        service = _service(store, settings)
+        index = _patient_index(service, settings)
         await index.start()
-        audit = _audit_log(store, settings)
+        audit = _audit_log(service, settings)
         if audit is None:
             return await index.rematch(retrain=retrain)
         await audit.start()
@@ -415,31 +410,34 @@ def mpi_rematch(
     )
 
 
-def _patient_index(store: Store, settings: Settings):
-    """The master patient index on ``store``, writing through a FHIR service's writes."""
+def _service(store: Store, settings: Settings):
+    """The FHIR service on ``store`` (its writes, search registry and settings)."""
     from hie.fhir.search.registry import Registry
     from hie.fhir.service import FhirService
+
+    return FhirService(store, settings, Registry())
+
+
+def _patient_index(service, settings: Settings):
+    """The master patient index writing through ``service``'s writes."""
     from hie.mpi.index import PatientIndex
 
-    service = FhirService(store, settings, Registry())
     return PatientIndex(
-        store,
+        service.store,
         service.new_write,
         link_threshold=settings.mpi_link_threshold,
         review_threshold=settings.mpi_review_threshold,
     )
 
 
-def _audit_log(store: Store, settings: Settings):
-    """The audit log the server writes to (None when auditing is off)."""
+def _audit_log(service, settings: Settings):
+    """The audit log the server writes to, through ``service`` (None when auditing is
+    off)."""
     if not settings.audit:
         return None
     from hie.access.keys import KeyRing
     from hie.app import audit_log
-    from hie.fhir.search.registry import Registry
-    from hie.fhir.service import FhirService
 
-    service = FhirService(store, settings, Registry())
     return audit_log(service, KeyRing(settings.keys_path), settings)
 
 
