@@ -13,7 +13,10 @@ the same server:
 
 * ``$match``: ``POST /fhir/Patient/$match`` of ``--queries`` query Patients, half of them
   a stored registration of a random known person as another member would send it, half a
-  person nobody registered; one client (latency) and ``--concurrency`` clients;
+  person nobody registered; one client (latency) and ``--concurrency`` clients. Before
+  them, ``--warmup`` queries of other people, one client, timed apart: the server has
+  just started on data the loader wrote, and a server in service has its working set
+  cached. The report gives both;
 * the baseline: ``GET /fhir/Patient?identifier=<system>|<value>`` for the same people (an
   indexed search through the same authentication, audit and HTTP path), so the report
   gives ``$match`` / search;
@@ -105,6 +108,17 @@ def member_tokens(data_dir: Path) -> dict[str, str]:
         out = _hie("token", "--client", client, "--ttl", "86400", data_dir=data_dir)
         tokens[member] = out.splitlines()[-1]
     return tokens
+
+
+def _match_params(patient: dict) -> dict:
+    """The ``$match`` Parameters of a query Patient (ten results at most)."""
+    return {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "resource", "resource": patient},
+            {"name": "count", "valueInteger": 10},
+        ],
+    }
 
 
 def resident_id(patient: dict) -> str | None:
@@ -218,16 +232,20 @@ class Bench:
         log(f"  filled {count:,} registrations in {seconds:.1f} s ({count / seconds:,.0f}/s)")
         return {"registrations": count, "seconds": seconds, "per_second": count / seconds}
 
-    def queries(self, n: int, rng: random.Random) -> list[tuple[dict, str | None]]:
+    def queries(self, n: int, rng: random.Random, taken: set[str]) -> list[tuple[dict, str | None]]:
         """Half known people (a stored registration, with the golden record it belongs to
-        when the loader knows it), half people nobody registered (``None``)."""
-        known = rng.sample(sorted(self.people), min(n // 2, len(self.people)))
+        when the loader knows it), half people nobody registered (``None``); none of the
+        people in ``taken``, to which the people chosen are added."""
+        free = sorted(set(self.people) - taken)
+        known = rng.sample(free, min(n // 2, len(free)))
         out = []
         for person in known:
             _, patient, pid = rng.choice(self.people[person])
             out.append((patient, self.loader.golden_of.get(pid) if self.loader else None))
-        unknown = rng.sample(self.unknown, min(n - len(out), len(self.unknown)))
-        out += [(pat, None) for _, pat in unknown]
+        spare = [i for i in range(len(self.unknown)) if f"unknown:{i}" not in taken]
+        unknown = rng.sample(spare, min(n - len(out), len(spare)))
+        out += [(self.unknown[i][1], None) for i in unknown]
+        taken.update(known, (f"unknown:{i}" for i in unknown))
         rng.shuffle(out)
         return out
 
@@ -261,17 +279,14 @@ class Bench:
         }
 
     async def match_phase(self, rng: random.Random) -> dict:
-        queries = self.queries(self.args.queries, rng)
-        params = [
-            {
-                "resourceType": "Parameters",
-                "parameter": [
-                    {"name": "resource", "resource": q},
-                    {"name": "count", "valueInteger": 10},
-                ],
-            }
-            for q, _ in queries
-        ]
+        """``--warmup`` queries first, then the measured ones: other people, so that the
+        measured queries find the server's cache as a server in service has it, not
+        their own blocks read by the warm-up. The warm-up is timed too (``warmup``: the
+        first queries after the server started on the new data)."""
+        taken: set[str] = set()
+        queries = self.queries(self.args.queries, rng, taken)
+        params = [_match_params(q) for q, _ in queries]
+        warm = [_match_params(q) for q, _ in self.queries(self.args.warmup, rng, taken)]
         ids = [resident_id(q) for q, _ in queries]
         ids = [i for i in ids if i] or ["000000000000000000"]
 
@@ -283,8 +298,8 @@ class Bench:
             r = await c.get("/Patient", params={"identifier": f"{RESIDENT_ID_SYSTEM}|{value}"})
             return r.status_code
 
-        await self.timed(params[:20], match, 1)  # warm-up
-        out = {}
+        out = {"warmup": await self.timed(warm, match, 1)}
+        log(f"  warm-up: {out['warmup']}")
         for conc in (1, self.args.concurrency):
             out[f"match_c{conc}"] = await self.timed(params, match, conc)
             out[f"search_c{conc}"] = await self.timed(ids, search, conc)
@@ -414,13 +429,14 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
         f"Fill: {args.fill}",
         "",
         f"| people | member records | golden records | reviews | DB MiB | fill regs/s "
-        f"| $match p50 / p95 ms (c1) | search p50 / p95 ms (c1) | $match / search p50 "
+        f"| $match p50 / p95 ms (c1) | warm-up $match p50 / p95 ms (first {args.warmup}) "
+        f"| search p50 / p95 ms (c1) | $match / search p50 "
         f"| $match ops/s (c{c}) | search ops/s (c{c}) | Patient create/s (c{c}) "
         f"| Observation create/s (c{c}) | Patient / Observation |",
-        "|---" * 14 + "|",
+        "|---" * 15 + "|",
     ]
     for s in steps:
-        m1, s1 = s["match_c1"], s["search_c1"]
+        m1, s1, w = s["match_c1"], s["search_c1"], s["warmup"]
         mc, sc = s[f"match_c{c}"], s[f"search_c{c}"]
         pat = statistics.median(r["ops"] for r in s["register"]["Patient"])
         obs = statistics.median(r["ops"] for r in s["register"]["Observation"])
@@ -428,7 +444,9 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
         lines.append(
             f"| {s['people']:,} | {st['patients'] - st['golden']:,} | {st['golden']:,} "
             f"| {st['reviews']:,} | {st['db_mib']:,.0f} | {fmt_num(s['fill']['per_second'])} "
-            f"| {fmt_ms(m1['p50'])} / {fmt_ms(m1['p95'])} | {fmt_ms(s1['p50'])} / "
+            f"| {fmt_ms(m1['p50'])} / {fmt_ms(m1['p95'])} "
+            f"| {fmt_ms(w['p50']) if w['n'] else '-'} / {fmt_ms(w['p95']) if w['n'] else '-'} "
+            f"| {fmt_ms(s1['p50'])} / "
             f"{fmt_ms(s1['p95'])} | {m1['p50'] / s1['p50']:.2f}× | {fmt_num(mc['ops'])} "
             f"| {fmt_num(sc['ops'])} | {fmt_num(pat)} | {fmt_num(obs)} | {pat / obs:.0%} |"
         )
@@ -457,6 +475,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="people (golden records) per step, ascending",
     )
     p.add_argument("--queries", type=int, default=400, help="$match queries per phase")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2000,
+        help="unmeasured $match queries of other people before each measured phase",
+    )
     p.add_argument("--concurrency", type=int, default=4, help="clients of the loaded phases")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per registration phase")
     p.add_argument("--bundle-size", type=int, default=100, help="registrations per Bundle")
