@@ -30,6 +30,12 @@ the server stopped by :mod:`mpi_bulk` (the same MPI decisions and writes, withou
 AuditEvents; hours become minutes), and the ``$match`` answers are checked: a known
 person's query must find the golden record the loader linked that registration to, first.
 
+``--reuse`` measures again the population a previous run left in ``--workdir`` (give
+the one size it loaded last, and the same ``--seed`` and ``--fresh-people``): each
+registration's member record and golden record are read from the store, and the answers
+are checked in the same way. A 1M population takes two hours to load and minutes to
+measure again.
+
 Output: a Markdown report on stdout (``--json PATH`` writes every figure); progress on
 stderr. Examples::
 
@@ -91,20 +97,22 @@ def _hie(*args: str, data_dir: Path) -> str:
     return done.stdout.strip()
 
 
-def member_tokens(data_dir: Path) -> dict[str, str]:
+def member_tokens(data_dir: Path, register: bool = True) -> dict[str, str]:
     """Register one client per member (a throw-away public key: the benchmark mints its
-    tokens with ``hie token`` instead of the token endpoint) and mint day-long tokens."""
+    tokens with ``hie token`` instead of the token endpoint; ``register=False``: they are
+    registered already) and mint day-long tokens."""
     key = ec.generate_private_key(ec.SECP384R1()).public_key()
     pem = data_dir / "bench-client.pem"
     pem.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
     tokens = {}
     for i, member in enumerate(MEMBERS):
         client = f"bench-{i}"
-        _hie(
-            "client", "add", client, "--org", f"Organization/{member}", "--role", "member",
-            "--org-name", member, "--scope", SCOPE, "--public-key", str(pem),
-            data_dir=data_dir,
-        )  # fmt: skip
+        if register:
+            _hie(
+                "client", "add", client, "--org", f"Organization/{member}", "--role", "member",
+                "--org-name", member, "--scope", SCOPE, "--public-key", str(pem),
+                data_dir=data_dir,
+            )  # fmt: skip
         out = _hie("token", "--client", client, "--ttl", "86400", data_dir=data_dir)
         tokens[member] = out.splitlines()[-1]
     return tokens
@@ -121,6 +129,31 @@ def _match_params(patient: dict) -> dict:
     }
 
 
+def stored_population(data_dir: Path) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
+    """From a data directory: member record ids by (identifier system, value), leaving
+    golden records out; golden record ids by member record id."""
+    db = data_dir / "hie.sqlite3"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        golden = dict(
+            conn.execute(
+                "SELECT id, text FROM search_index WHERE type = 'HieMpiRecord' AND param = 'golden'"
+            )
+        )
+        ids = {
+            (system, value): id_
+            for id_, system, value in conn.execute(
+                "SELECT id, system, text FROM search_index WHERE type = 'Patient'"
+                " AND param = 'identifier' AND system <> ?",
+                (RESIDENT_ID_SYSTEM,),
+            )
+            if id_ in golden
+        }
+    finally:
+        conn.close()
+    return ids, golden
+
+
 def resident_id(patient: dict) -> str | None:
     for identifier in patient.get("identifier", ()):
         if identifier.get("system") == RESIDENT_ID_SYSTEM and identifier.get("value"):
@@ -134,8 +167,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.args = args
         self.data_dir = workdir / "data"
-        self.data_dir.mkdir()
-        self.tokens = member_tokens(self.data_dir)
+        if not args.reuse:
+            self.data_dir.mkdir()
+        self.tokens = member_tokens(self.data_dir, register=not args.reuse)
         port = free_port()
         argv = [*hie_executable(), "serve", "--port", str(port), "--data-dir", str(self.data_dir)]
         self.server = Server("hie", argv, clean_env(), port, workdir / "server.log")
@@ -155,8 +189,10 @@ class Bench:
         self.loaded = 0  # registrations of self.stream sent so far
         #: each stored person's registrations: (member, Patient, member record id when known)
         self.people: dict[str, list[tuple[str, dict, str | None]]] = {}
+        #: the golden record of each member record, where known (bulk load, reuse)
+        self.golden_of: dict[str, str] = {}
         self.loader = None
-        if args.fill == "bulk":
+        if args.fill == "bulk" and not args.reuse:
             organizations = {m: f"Organization/{m}" for m in MEMBERS}
             clients = {m: f"bench-{i}" for i, m in enumerate(MEMBERS)}
             self.loader = BulkLoader(self.data_dir, organizations, clients, args.seed)
@@ -185,9 +221,23 @@ class Bench:
         ids, stats = await self.loader.load([(m, pat) for m, pat, _ in regs])
         for (member, patient, person), pid in zip(regs, ids, strict=True):
             self.people[person].append((member, patient, pid))
+        self.golden_of = self.loader.golden_of
         log(f"  loaded: {stats}")
         self.server.start(timeout=600)
         return {**stats, "registrations": len(regs)}
+
+    def reuse(self, people: int) -> dict:
+        """Take the population a previous run left in the data directory as loaded: each
+        registration's member record found by its member identifier, each member
+        record's golden record by its ``HieMpiRecord``."""
+        regs = self._next(people)
+        log(f"  reusing the stored population ({len(regs):,} registrations)")
+        ids, self.golden_of = stored_population(self.data_dir)
+        for member, patient, person in regs:
+            mrn = next(i for i in patient["identifier"] if i["system"] != RESIDENT_ID_SYSTEM)
+            self.people[person].append((member, patient, ids.get((mrn["system"], mrn["value"]))))
+        self.server.start(timeout=600)
+        return {"registrations": len(regs), "reused": True}
 
     async def fill(self, people: int) -> dict:
         """Register the stream through the API until ``people`` distinct persons are stored."""
@@ -241,7 +291,7 @@ class Bench:
         out = []
         for person in known:
             _, patient, pid = rng.choice(self.people[person])
-            out.append((patient, self.loader.golden_of.get(pid) if self.loader else None))
+            out.append((patient, self.golden_of.get(pid)))
         spare = [i for i in range(len(self.unknown)) if f"unknown:{i}" not in taken]
         unknown = rng.sample(spare, min(n - len(out), len(spare)))
         out += [(self.unknown[i][1], None) for i in unknown]
@@ -303,7 +353,7 @@ class Bench:
         for conc in (1, self.args.concurrency):
             out[f"match_c{conc}"] = await self.timed(params, match, conc)
             out[f"search_c{conc}"] = await self.timed(ids, search, conc)
-        if self.loader is not None:
+        if self.golden_of:
             out["check"] = await self.check(params, [g for _, g in queries])
         return out
 
@@ -405,7 +455,10 @@ class Bench:
         steps = []
         for size in self.args.sizes:
             log(f"step: {size:,} people")
-            fill = await (self.fill_bulk(size) if self.loader else self.fill(size))
+            if self.args.reuse:
+                fill = self.reuse(size)
+            else:
+                fill = await (self.fill_bulk(size) if self.loader else self.fill(size))
             step = {"people": size, "fill": fill}
             step.update(await self.match_phase(rng))
             step["register"] = await self.register_phase()
@@ -426,7 +479,7 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
     c = args.concurrency
     lines = [
         f"Machine: {machine}",
-        f"Fill: {args.fill}",
+        f"Fill: {'reused' if args.reuse else args.fill}",
         "",
         f"| people | member records | golden records | reviews | DB MiB | fill regs/s "
         f"| $match p50 / p95 ms (c1) | warm-up $match p50 / p95 ms (first {args.warmup}) "
@@ -443,7 +496,8 @@ def report(args: argparse.Namespace, steps: list[dict], machine: dict) -> str:
         st = s["store"]
         lines.append(
             f"| {s['people']:,} | {st['patients'] - st['golden']:,} | {st['golden']:,} "
-            f"| {st['reviews']:,} | {st['db_mib']:,.0f} | {fmt_num(s['fill']['per_second'])} "
+            f"| {st['reviews']:,} | {st['db_mib']:,.0f} "
+            f"| {fmt_num(s['fill']['per_second']) if 'per_second' in s['fill'] else 'reused'} "
             f"| {fmt_ms(m1['p50'])} / {fmt_ms(m1['p95'])} "
             f"| {fmt_ms(w['p50']) if w['n'] else '-'} / {fmt_ms(w['p95']) if w['n'] else '-'} "
             f"| {fmt_ms(s1['p50'])} / "
@@ -495,17 +549,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write every figure as JSON here")
     p.add_argument("--workdir", type=Path, help="a new directory for the data, kept afterwards")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure again the population a previous run left in --workdir (one size: "
+        "the one it loaded last, with the same --seed and --fresh-people) without loading",
+    )
+    args = p.parse_args(argv)
+    if args.reuse and (args.workdir is None or len(args.sizes) != 1):
+        p.error("--reuse needs --workdir and one size")
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    if args.workdir:
+    if args.workdir and not args.reuse:
         args.workdir.mkdir(parents=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hie-bench-mpi-"))
     try:
         bench = Bench(args, workdir)
-        if args.fill == "api":
+        if args.fill == "api" and not args.reuse:
             bench.server.start()
         try:
             steps = run_async(bench.run())
