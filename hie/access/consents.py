@@ -606,8 +606,8 @@ class ConsentView:
         query: tuple[Term, ...] = (Not(whole.visible),)
         if whole.suspect is not None:
             query = (whole.suspect, *query)
-        found = await self.book.store.match_ids(type_, query, limit=MAX_WITHHELD + 1)
-        return frozenset(i for i, _ in found) if len(found) <= MAX_WITHHELD else None
+        found = await self.book.store.any_ids(type_, query, limit=MAX_WITHHELD + 1)
+        return frozenset(found) if len(found) <= MAX_WITHHELD else None
 
     def _key(self, type_: str) -> tuple:
         """What the caller's filters and withheld sets of ``type_`` are kept under: the

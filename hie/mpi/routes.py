@@ -589,7 +589,7 @@ async def _known_domain(request: Request, system: str, base: str) -> bool:
     if system in (ENTERPRISE_ID_SYSTEM, base):
         return True
     query = (Match("identifier", (Cond("system", "eq", system),)),)
-    return bool(await request.app.state.store.match_ids("Patient", query, limit=1))
+    return bool(await request.app.state.store.any_ids("Patient", query, limit=1))
 
 
 def _cross_references(

@@ -156,8 +156,9 @@ class State:
         return {i: found[i] for i in ids if i in found}
 
     async def ids(self, type_: str, query: Query, limit: int) -> list[str]:
-        """Ids of stored resources matching ``query`` (planned changes not applied)."""
-        return [i for i, _ in await self.store.match_ids(type_, query, limit=limit)]
+        """Ids of up to ``limit`` stored resources matching ``query``, in no particular
+        order (planned changes not applied)."""
+        return await self.store.any_ids(type_, query, limit=limit)
 
     def put_patient(self, id_: str, body: dict | None, current: Current) -> Write:
         """Plan a Patient version (``None``: a deletion) replacing ``current``."""

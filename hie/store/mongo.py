@@ -571,6 +571,14 @@ class MongoStore(Store):
         docs = await self._sorted(type_, match, sort, limit, 0, {"lu": 1})
         return [(d["_id"], d["lu"]) for d in docs]
 
+    async def any_ids(self, type_: str, query: Query, *, limit: int) -> list[str]:
+        """Ids of up to ``limit`` matches in the order the query plan finds them."""
+        if limit <= 0:
+            return []
+        match = _LIVE | to_filter(await self.resolve(type_, query))
+        docs = await self._db[type_].find(match, {"_id": 1}).limit(limit).to_list()
+        return [d["_id"] for d in docs]
+
     async def _sorted(
         self,
         type_: str,

@@ -226,6 +226,12 @@ class Store(ABC):
         Cheap: answered from the indexes without loading resource bodies."""
 
     @abstractmethod
+    async def any_ids(self, type_: str, query: Query, *, limit: int) -> list[str]:
+        """Ids of up to ``limit`` matches, each once, in no particular order: whichever
+        the indexes give first, without ordering all matches (for existence checks and
+        counting up to a cap, where :meth:`match_ids` would sort every match)."""
+
+    @abstractmethod
     async def read_many(self, type_: str, ids: Sequence[str]) -> list[Version]:
         """The current, non-deleted versions of ``ids`` in the order given; ids that are
         unknown or deleted are left out."""

@@ -463,17 +463,22 @@ class _Compiler:
         self._driving = best_key[0]
         return best, best_key[0]
 
+    @staticmethod
+    def settable(term: Term) -> bool:
+        """Whether ``term`` has a set form (a SELECT of the ids it matches)."""
+        if isinstance(term, AnyOf):
+            return all(_Compiler.settable(t) for t in term.terms)
+        return not isinstance(term, Not)
+
     def _estimate(self, type_: str, term: Term) -> tuple[int, int] | None:
         """(size up to PROBE, 0 if probed else 1) of a term's set; None: no set form."""
+        if not self.settable(term):
+            return None
         if isinstance(term, IdIn):
             return len(set(term.ids)), 0
         if isinstance(term, AnyOf):
             keys = [self._estimate(type_, t) for t in term.terms]
-            if None in keys:
-                return None
             return min(PROBE, sum(k[0] for k in keys)), max((k[1] for k in keys), default=0)
-        if isinstance(term, Not):
-            return None
         if isinstance(term, Match) and not self._seekable(term):
             return PROBE, 1
         sql, params, _ = self._set(type_, term)
@@ -1168,6 +1173,30 @@ class SqliteStore(Store):
             compiler = _Compiler(conn, self._choices, self._temp)
             pruned = compiler.prune(type_, query)  # this read's snapshot: exact
             return compiler.page(type_, pruned, compiler.plan(type_, pruned), sort, limit, 0)
+
+        return await self._run_read(run)
+
+    async def any_ids(self, type_: str, query: Query, *, limit: int) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            if limit <= 0:
+                return []
+            compiler = _Compiler(conn, self._choices, self._temp)
+            pruned = compiler.prune(type_, query)
+            if len(pruned) == 1:  # its own driver: no need to estimate sizes
+                driver = 0 if compiler.settable(pruned[0]) else None
+            else:
+                driver, _ = compiler.plan(type_, pruned)
+            sql, params, distinct = compiler.ids(type_, pruned, driver)
+            if distinct:
+                return [r[0] for r in conn.execute(f"{sql} LIMIT ?", [*params, limit])]
+            # Repeated ids are dropped here: SELECT DISTINCT would make SQLite walk an
+            # index in id order (every row of the type) instead of the driving term's.
+            found: dict[str, None] = {}
+            for (id_,) in conn.execute(sql, params):
+                found[id_] = None
+                if len(found) == limit:
+                    break
+            return list(found)
 
         return await self._run_read(run)
 

@@ -229,7 +229,7 @@ async def load_world(store: Store, rnd: random.Random) -> tuple[World, dict[str,
 
 async def check_against_oracle(store: Store, seed: int, queries: int = 200) -> None:
     """Random data and queries (with random sorts); every result must be the
-    oracle's, for search (all, and a page) and match_ids."""
+    oracle's, for search (all, and a page), match_ids and (as a set) any_ids."""
     rnd = random.Random(seed)
     world, ids = await load_world(store, rnd)
     assert all(8 < len(world[t]) < 30 for t in TYPES)
@@ -248,3 +248,6 @@ async def check_against_oracle(store: Store, seed: int, queries: int = 200) -> N
         limit = rnd.randint(1, 6)
         found = await store.match_ids(type_, query, sort=sort, limit=limit)
         assert found == [(i, world[type_][i][0]) for i in expected[:limit]], (query, sort)
+        some = await store.any_ids(type_, query, limit=limit)
+        assert len(some) == len(set(some)) == min(limit, len(hits)), query
+        assert set(some) <= set(hits), query

@@ -983,6 +983,23 @@ async def test_match_ids(sortable: Store):
     assert await s.match_ids("Thing", (), limit=1) == [("s4", ts(4))]
 
 
+async def test_any_ids(sortable: Store):
+    s = sortable
+    every = {"s1", "s2", "s3", "s4", "s5"}
+    assert sorted(await s.any_ids("Thing", (), limit=10)) == sorted(every)
+    some = await s.any_ids("Thing", (), limit=3)
+    assert len(set(some)) == 3 and set(some) <= every
+    assert sorted(await s.any_ids("Thing", (name("a"),), limit=10)) == ["s2", "s3"]
+    assert sorted(await s.any_ids("Thing", (Not(name("b")),), limit=10)) == ["s2", "s3", "s4"]
+    assert await s.any_ids("Thing", (name("a"), name("b")), limit=10) == []
+    twice = (AnyOf((name("b"), IdIn(("s1", "s4")))),)  # s1 is found through both: once
+    assert sorted(await s.any_ids("Thing", twice, limit=10)) == ["s1", "s4", "s5"]
+    assert await s.any_ids("Thing", (name("zzz"),), limit=10) == []
+    assert await s.any_ids("Thing", (), limit=0) == []
+    await s.commit([delete("Thing", "s2", 2, ts(7))])
+    assert await s.any_ids("Thing", (name("a"),), limit=10) == ["s3"]
+
+
 # --- read_many, scan, set_index ----------------------------------------------------
 
 
