@@ -324,7 +324,11 @@ def key_rotate(data_dir: Path = typer.Option(None, help=_DATA_DIR_HELP)) -> None
 
 @key_app.command("retire")
 def key_retire(
-    kid: str = typer.Argument(..., help="The key's kid (see `hie key list`)."),
+    kid: str = typer.Argument(
+        ...,
+        help="The key's kid (see `hie key list`); after `--` if it starts with a dash, "
+        "as a base64url thumbprint may: `hie key retire -- -CXK...`.",
+    ),
     data_dir: Path = typer.Option(None, help=_DATA_DIR_HELP),
 ) -> None:
     """Delete a key's private part: tokens it signed are no longer accepted; its public

@@ -26,7 +26,8 @@ def hie(tmp_path, monkeypatch):
         monkeypatch.delenv(name)
 
     def run(*args: str):
-        return runner.invoke(cli, [*args, "--data-dir", str(tmp_path)])
+        end = args.index("--") if "--" in args else len(args)  # options before "--"
+        return runner.invoke(cli, [*args[:end], "--data-dir", str(tmp_path), *args[end:]])
 
     return run
 
@@ -138,8 +139,9 @@ def test_keys(hie, tmp_path):
     assert sorted(hie("key", "list").output.splitlines()) == sorted(
         [f"{old_kid}\tverifies", f"{new_kid}\tactive"]
     )
-    assert hie("key", "retire", new_kid).exit_code == 1  # the active key
-    assert hie("key", "retire", old_kid).exit_code == 0
+    # "--": a kid (a base64url thumbprint) may start with a dash
+    assert hie("key", "retire", "--", new_kid).exit_code == 1  # the active key
+    assert hie("key", "retire", "--", old_kid).exit_code == 0
     assert hie("key", "list").output.splitlines() == [f"{new_kid}\tactive"]
     with TestClient(create_app(Settings(data_dir=tmp_path))) as c:
         assert (
