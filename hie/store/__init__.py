@@ -3,6 +3,7 @@
 from hie.store.port import (
     INTERNAL_TYPES,
     JOURNAL_TYPES,
+    REGISTER_TYPES,
     SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
@@ -18,6 +19,7 @@ from hie.store.port import (
 __all__ = [
     "INTERNAL_TYPES",
     "JOURNAL_TYPES",
+    "REGISTER_TYPES",
     "SEARCHED_INTERNAL_TYPES",
     "ConditionConflict",
     "Event",

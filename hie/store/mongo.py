@@ -90,6 +90,7 @@ from hie import jsonio
 from hie.store.port import (
     INTERNAL_TYPES,
     JOURNAL_TYPES,
+    REGISTER_TYPES,
     SEARCHED_INTERNAL_TYPES,
     ConditionConflict,
     Event,
@@ -305,7 +306,9 @@ class MongoStore(Store):
         self._indexed: set[str] = set()
 
     async def open(self) -> None:
-        """Connect, detect transaction support, create shared indexes and counters."""
+        """Connect, detect transaction support, create shared indexes and counters, and
+        drop history versions and outbox events of register types that older versions
+        kept."""
         self._client = AsyncMongoClient(self._uri) if self._injected is None else self._injected
         self._db = self._client[self._database]
         hello = await self._client.admin.command("hello")
@@ -322,6 +325,8 @@ class MongoStore(Store):
             if exc.code != _NAMESPACE_EXISTS:
                 raise
         await self._db["outbox"].create_indexes(_OUTBOX_INDEXES)
+        for name in ("history", "outbox"):  # left by versions that kept them (indexed by t)
+            await self._db[name].delete_many({"t": {"$in": sorted(REGISTER_TYPES)}})
         await self._db["counters"].update_one(
             {"_id": _OUTBOX_SEQ}, {"$setOnInsert": {"n": 0}}, upsert=True
         )
@@ -338,9 +343,9 @@ class MongoStore(Store):
         return None if doc is None else _version(type_, id_, doc)
 
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
-        """A specific version from the history collection (a journal type's from its
-        own), or None."""
-        if type_ in JOURNAL_TYPES:
+        """A specific version from the history collection (a journal or register type's
+        from its own collection), or None."""
+        if type_ in JOURNAL_TYPES or type_ in REGISTER_TYPES:
             doc = await self._db[type_].find_one({"_id": id_, "v": version})
             return None if doc is None else _version(type_, id_, doc)
         doc = await self._db["history"].find_one({"t": type_, "i": id_, "v": version})
@@ -419,7 +424,9 @@ class MongoStore(Store):
                 if done.matched_count == 0:
                     raise _Conflict(w)
         pairs = zip(writes, resources, strict=True)
-        kept = [(w, r) for w, r in pairs if w.type not in JOURNAL_TYPES]
+        kept = [
+            (w, r) for w, r in pairs if w.type not in JOURNAL_TYPES and w.type not in REGISTER_TYPES
+        ]
         if not kept:
             return
         writes = [w for w, _ in kept]

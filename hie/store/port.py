@@ -56,6 +56,10 @@ SEARCHED_INTERNAL_TYPES = ("HieMpiRecord", "HieMpiLink", "HieMpiReview", "HieMpi
 #: parameter and ``_lastUpdated`` are answered from ``last_updated``. The embedded store
 #: keeps those rows in one lean table, which cannot sort by parameter values.
 JOURNAL_TYPES = {"AuditEvent": "date"}
+#: Internal types kept as their current version alone: no history, no outbox event and
+#: no search index rows. The audit chain's head is one: every group commit of the audit
+#: log rewrites it. A :meth:`Store.vread` of such a type finds only the current version.
+REGISTER_TYPES = frozenset({"HieAuditHead"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +174,10 @@ class Store(ABC):
         nothing. A write with a ``guard`` is applied only if no current resource of its
         type outside this commit matches the guard, else :class:`ConditionConflict`
         (checked atomically with the writes, so concurrent conditional creates cannot
-        both succeed). Each write also appends one outbox :class:`Event`, except those of
-        :data:`JOURNAL_TYPES` (which may only be created: a write with ``prev_version``
-        other than 0 raises ValueError). Writes to the same resource within one commit
+        both succeed). Each write also appends one outbox :class:`Event` and a history
+        version, except those of :data:`REGISTER_TYPES` and :data:`JOURNAL_TYPES` (which
+        may only be created: a write with ``prev_version`` other than 0 raises
+        ValueError). Writes to the same resource within one commit
         are not allowed (the caller merges them)."""
 
     @abstractmethod

@@ -12,7 +12,9 @@ until their expiry, see :meth:`SqliteStore.claim`). The append-only
 ``resources`` but no ``history`` or ``outbox`` rows, and their index rows in
 ``journal_terms``: one B-tree keyed ``(type, param, text, id, system)``, a third of the
 cost of a ``search_index`` row with its eight indexes; their stamped date parameter and
-``_lastUpdated`` are conditions on ``resources.last_updated``.
+``_lastUpdated`` are conditions on ``resources.last_updated``. The
+:data:`~hie.store.port.REGISTER_TYPES` (the audit chain's head) are their ``resources``
+row alone.
 ``PRAGMA user_version`` holds the schema version; :func:`migrate` upgrades older files
 in place when the store opens.
 
@@ -67,6 +69,7 @@ from pathlib import Path
 
 from hie.store.port import (
     JOURNAL_TYPES,
+    REGISTER_TYPES,
     ConditionConflict,
     Event,
     Page,
@@ -94,7 +97,7 @@ from hie.store.query import (
     WrittenAfter,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS resources (
         type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
@@ -271,6 +274,10 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if columns and version < 2:
             _journal_from_1(conn)
+        if columns and version < 3:
+            for type_ in REGISTER_TYPES:  # schema 3: their past versions and events go
+                for table in ("search_index", "search_part", "history", "outbox"):
+                    conn.execute(f"DELETE FROM {table} WHERE type = ?", (type_,))
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -997,7 +1004,8 @@ class SqliteStore(Store):
         return _version(row) if row else None
 
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
-        table = "resources" if type_ in JOURNAL_TYPES else "history"
+        current = type_ in JOURNAL_TYPES or type_ in REGISTER_TYPES
+        table = "resources" if current else "history"
         row = self._loop_conn.execute(
             f"SELECT {_VERSION_COLS} FROM {table} WHERE type = ? AND id = ? AND version = ?",
             (type_, id_, version),
@@ -1039,6 +1047,8 @@ class SqliteStore(Store):
                 version = (w.type, w.id, w.version, w.last_updated, w.method, w.body)
                 rows = w.index if w.body is not None else ()
                 conn.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?)", version)
+                if w.type in REGISTER_TYPES:
+                    continue
                 _replace_index(conn, w.type, w.id, rows, bool(w.prev_version))
                 conn.execute(
                     "INSERT INTO history (type, id, version, last_updated, method, body)"

@@ -198,6 +198,11 @@ class _Collection:
             self._log(undo, self._target(filter_, upsert))
             return self._sync.update_one(filter_, update, upsert=upsert)
 
+    async def delete_many(self, filter_: dict, session: _Session | None = None) -> Any:
+        async with self._client.access(session) as undo:
+            self._log(undo, [d["_id"] for d in self._sync.find(filter_, {"_id": 1})])
+            return self._sync.delete_many(filter_)
+
     async def bulk_write(
         self, requests: list, ordered: bool = True, session: _Session | None = None
     ) -> Any:

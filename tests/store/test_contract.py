@@ -1108,6 +1108,24 @@ async def test_journal_records_are_written_once_and_keep_no_history_or_events(st
     assert keys(await store.history()) == [("Patient", "p", 1)]
 
 
+async def test_register_types_keep_their_current_version_alone(store: Store):
+    """A register type (the audit chain's head) is compare-and-set like any resource,
+    but keeps no history versions and writes no outbox events."""
+    first = await store.last_event()
+    await store.commit([put("HieAuditHead", "head", 1, ts(1)), put("Patient", "p", 1, ts(1))])
+    second = put("HieAuditHead", "head", 2, ts(2))
+    await store.commit([second])
+    with pytest.raises(VersionConflict):
+        await store.commit([put("HieAuditHead", "head", 2, ts(3))])
+    assert await store.read("HieAuditHead", "head") == as_version(second)
+    assert await store.vread("HieAuditHead", "head", 2) == as_version(second)
+    assert await store.vread("HieAuditHead", "head", 1) is None
+    assert keys(await store.history("HieAuditHead")) == []
+    assert [(e.type, e.id) for e in await store.events_after(first)] == [("Patient", "p")]
+    await store.commit([delete("HieAuditHead", "head", 3, ts(3))])
+    assert (await store.read("HieAuditHead", "head")).deleted
+
+
 async def test_journal_search_by_terms_and_by_the_stamped_date(store: Store):
     """A journal type is searched by its text rows, and by its stamped parameter and
     ``_lastUpdated`` (both its commit instant), sorted by these or by id."""

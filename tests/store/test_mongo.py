@@ -247,3 +247,17 @@ async def test_snapshots_expire_through_a_ttl_index():
     assert any(list(ix["key"]) == [("exp", 1)] and ix["expireAfterSeconds"] == 0 for ix in indexes)
     doc = client.sync["db"]["snapshots"].find_one()
     assert (doc["n"], doc["exp"].isoformat()[:19]) == (1, "2998-12-31T22:00:00")
+
+
+async def test_opening_drops_register_type_versions_older_versions_kept():
+    client = AsyncMongomockClient()
+    store = await opened(client)
+    await store.commit([put("HieAuditHead", "head", 1, ts(1)), put("Patient", "p", 1, ts(1))])
+    db = client.sync["db"]
+    for n in (1, 2):  # as a version of HIE that kept every head version wrote them
+        db["history"].insert_one({"t": "HieAuditHead", "i": "head", "v": n, "seq": 100 + n})
+        db["outbox"].insert_one({"_id": 100 + n, "t": "HieAuditHead", "i": "head", "v": n})
+    await store.open()
+    assert {d["t"] for d in db["history"].find()} == {"Patient"}
+    assert {d["t"] for d in db["outbox"].find()} == {"Patient"}
+    assert (await store.read("HieAuditHead", "head")).version == 1

@@ -101,7 +101,7 @@ async def test_opens_and_migrates_a_schema_0_database(tmp_path):
     await store.open()
     try:
         version, columns, indexes = schema(store.path)
-        assert version == sqlite_store.SCHEMA_VERSION == 2
+        assert version == sqlite_store.SCHEMA_VERSION == 3
         assert {"nlow", "nhigh", "grp"} <= columns
         assert "resources_lu" not in indexes and "resources_live" in indexes
         assert indexes["search_owner"] == ["type", "id", "param"]
@@ -133,7 +133,7 @@ async def test_opens_and_migrates_a_schema_0_database(tmp_path):
     reopened = SqliteStore(tmp_path)
     await reopened.open()
     try:
-        assert schema(reopened.path)[0] == 2
+        assert schema(reopened.path)[0] == 3
         assert await ids(reopened, "Patient", ()) == ["c"]
         assert await ids(
             reopened, "Observation", (Match("code", (Cond("text", "eq", "1-8"),)),)
@@ -176,7 +176,7 @@ async def test_migrates_schema_1_audit_records_to_the_journal(tmp_path):
     await store.open()
     try:
         conn = sqlite3.connect(tmp_path / "hie.sqlite3")
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT * FROM journal_terms ORDER BY param").fetchall() == [
             ("AuditEvent", "action", "R", "0001", ""),
             ("AuditEvent", "entity", "Patient/1", "0001", "Patient"),
@@ -191,6 +191,44 @@ async def test_migrates_schema_1_audit_records_to_the_journal(tmp_path):
         entity = Match("entity", (Cond("text", "eq", "Patient/1"),))
         assert await ids(store, "AuditEvent", (entity,)) == ["0001"]
         assert (await store.vread("AuditEvent", "0001", 1)).body == a.body
+    finally:
+        await store.close()
+
+
+async def test_migrates_schema_2_audit_head_versions_away(tmp_path):
+    """Schema 2 kept every version of the audit chain's head (one per group commit) in
+    ``history`` and ``outbox``; schema 3 keeps only its current row."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    await store.commit([put("HieAuditHead", "head", 1, ts(1)), put("Patient", "p", 1, ts(1))])
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "hie.sqlite3")
+    for version in (1, 2):
+        conn.execute(
+            "INSERT INTO history (type, id, version, last_updated, method, body)"
+            " VALUES ('HieAuditHead', 'head', ?, ?, 'PUT', '{}')",
+            (version, ts(version)),
+        )
+        conn.execute(
+            "INSERT INTO outbox (type, id, version, method) VALUES ('HieAuditHead', 'head', ?,"
+            " 'PUT')",
+            (version,),
+        )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+    await store.open()
+    try:
+        conn = sqlite3.connect(tmp_path / "hie.sqlite3")
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        for table in ("history", "outbox"):
+            left = conn.execute(f"SELECT DISTINCT type FROM {table}").fetchall()
+            assert left == [("Patient",)], table
+        conn.close()
+        assert (await store.read("HieAuditHead", "head")).version == 1
+        await store.commit([put("Patient", "q", 1, ts(3))])  # numbered after the removed
+        assert [(e.seq, e.id) for e in await store.events_after(3)] == [(4, "q")]
     finally:
         await store.close()
 
