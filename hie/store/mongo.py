@@ -100,6 +100,7 @@ from hie.store.port import (
     Version,
     VersionConflict,
     Write,
+    keeps_history,
 )
 from hie.store.query import (
     NUMBER_COLUMNS,
@@ -345,7 +346,7 @@ class MongoStore(Store):
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
         """A specific version from the history collection (a journal or register type's
         from its own collection), or None."""
-        if type_ in JOURNAL_TYPES or type_ in REGISTER_TYPES:
+        if not keeps_history(type_):
             doc = await self._db[type_].find_one({"_id": id_, "v": version})
             return None if doc is None else _version(type_, id_, doc)
         doc = await self._db["history"].find_one({"t": type_, "i": id_, "v": version})
@@ -424,9 +425,7 @@ class MongoStore(Store):
                 if done.matched_count == 0:
                     raise _Conflict(w)
         pairs = zip(writes, resources, strict=True)
-        kept = [
-            (w, r) for w, r in pairs if w.type not in JOURNAL_TYPES and w.type not in REGISTER_TYPES
-        ]
+        kept = [(w, r) for w, r in pairs if keeps_history(w.type)]
         if not kept:
             return
         writes = [w for w, _ in kept]

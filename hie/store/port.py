@@ -62,6 +62,12 @@ JOURNAL_TYPES = {"AuditEvent": "date"}
 REGISTER_TYPES = frozenset({"HieAuditHead"})
 
 
+def keeps_history(type_: str) -> bool:
+    """Whether the store keeps past versions (and outbox events) of ``type_``: not for
+    :data:`JOURNAL_TYPES` (one version each) nor :data:`REGISTER_TYPES`."""
+    return type_ not in JOURNAL_TYPES and type_ not in REGISTER_TYPES
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
     """One stored version of a resource, current or historical.

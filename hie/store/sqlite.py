@@ -78,6 +78,7 @@ from hie.store.port import (
     Version,
     VersionConflict,
     Write,
+    keeps_history,
 )
 from hie.store.query import (
     COLUMNS,
@@ -1004,8 +1005,7 @@ class SqliteStore(Store):
         return _version(row) if row else None
 
     async def vread(self, type_: str, id_: str, version: int) -> Version | None:
-        current = type_ in JOURNAL_TYPES or type_ in REGISTER_TYPES
-        table = "resources" if current else "history"
+        table = "history" if keeps_history(type_) else "resources"
         row = self._loop_conn.execute(
             f"SELECT {_VERSION_COLS} FROM {table} WHERE type = ? AND id = ? AND version = ?",
             (type_, id_, version),
