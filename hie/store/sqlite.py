@@ -275,10 +275,9 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if columns and version < 2:
             _journal_from_1(conn)
-        if columns and version < 3:
-            for type_ in REGISTER_TYPES:  # schema 3: their past versions and events go
-                for table in ("search_index", "search_part", "history", "outbox"):
-                    conn.execute(f"DELETE FROM {table} WHERE type = ?", (type_,))
+        if columns and version < 3:  # schema 3: register types keep their current row alone
+            for type_ in REGISTER_TYPES:
+                _drop_all_but_current(conn, type_)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -299,8 +298,14 @@ def _journal_from_1(conn: sqlite3.Connection) -> None:
             " AND param NOT IN ('_lastUpdated', ?)",
             (type_, stamped),
         )
-        for table in ("search_index", "search_part", "history", "outbox"):
-            conn.execute(f"DELETE FROM {table} WHERE type = ?", (type_,))
+        _drop_all_but_current(conn, type_)
+
+
+def _drop_all_but_current(conn: sqlite3.Connection, type_: str) -> None:
+    """Delete ``type_``'s index rows, history versions and outbox events (a migration to
+    a type that keeps none: its ``resources`` rows stay)."""
+    for table in ("search_index", "search_part", "history", "outbox"):
+        conn.execute(f"DELETE FROM {table} WHERE type = ?", (type_,))
 
 
 def _journal_rows(type_: str, id_: str, rows: Sequence[IndexRow]) -> list[tuple]:

@@ -220,8 +220,8 @@ async def test_migrates_schema_2_audit_head_versions_away(tmp_path):
 
     await store.open()
     try:
-        conn = sqlite3.connect(tmp_path / "hie.sqlite3")
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert schema(store.path)[0] == 3
+        conn = sqlite3.connect(store.path)
         for table in ("history", "outbox"):
             left = conn.execute(f"SELECT DISTINCT type FROM {table}").fetchall()
             assert left == [("Patient",)], table
